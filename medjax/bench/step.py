@@ -1,0 +1,106 @@
+"""Benchmark of the pretraining step: seconds/step, images/s, FLOP/s vs this machine's matmul peak.
+
+    python -m medjax.bench.step --config=configs/dinov2_reg.py:bench [--steps=20]
+
+The step runs on one real batch from the pipeline (data time excluded), after
+one compiling call. FLOPs per step come from XLA's cost analysis of the
+compiled step; the peak is the best of several large float32 (or bfloat16,
+matching config.model.dtype) matmuls timed in the same process.
+"""
+
+from __future__ import annotations
+
+import time
+
+import jax
+import jax.numpy as jnp
+from absl import app, flags
+from ml_collections import config_flags
+
+from medjax import sharding
+from medjax.schedules import pretrain_schedules
+from medjax.train import optim
+from medjax.train.pretrain import init_state, make_train_step
+from medjax.train.pretrain_data import PretrainData
+from medjax.train.ssl_model import DTYPES, build_models
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/dinov2_reg.py:bench", "Pretraining config.")
+_STEPS = flags.DEFINE_integer("steps", 20, "Timed steps.")
+
+
+def matmul_peak_flops(dtype=jnp.float32, n: int = 2048, repeats: int = 5) -> float:
+    """Best dense-matmul FLOP/s of an n x n product on the default device."""
+    a = jax.random.normal(jax.random.PRNGKey(0), (n, n), dtype)
+    b = jax.random.normal(jax.random.PRNGKey(1), (n, n), dtype)
+    mm = jax.jit(jnp.matmul)
+    mm(a, b).block_until_ready()
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        mm(a, b).block_until_ready()
+        best = min(best, time.perf_counter() - t)
+    return 2.0 * n**3 / best
+
+
+def step_flops(compiled) -> float:
+    analysis = compiled.cost_analysis()
+    if isinstance(analysis, (list, tuple)):
+        analysis = analysis[0]
+    return float(analysis.get("flops", float("nan"))) if analysis else float("nan")
+
+
+def benchmark(config, steps: int) -> dict:
+    mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
+    global_batch = config.train.batch_size_per_device * mesh.size
+    models = build_models(config)
+    adam = optim.make_adam(config.optim.adamw_beta1, config.optim.adamw_beta2)
+    replicated = sharding.replicated(mesh)
+    state = jax.jit(lambda r: init_state(models, config, r, adam), out_shardings=replicated)(
+        jax.random.PRNGKey(0)
+    )
+    rules = optim.ParamRules.from_params(
+        state.student,
+        depth=models.backbone.depth,
+        layerwise_decay=config.optim.layerwise_decay,
+        patch_embed_lr_mult=config.optim.patch_embed_lr_mult,
+    )
+    data = PretrainData(config, mesh)
+    batch = data.next_batch()
+    data.close()
+    step = make_train_step(models, config, pretrain_schedules(config, global_batch), rules, adam)
+    rng = jax.random.PRNGKey(1)
+    jitted = jax.jit(step, in_shardings=(replicated, data.shardings, replicated), donate_argnums=0)
+    t0 = time.perf_counter()
+    compiled = jitted.lower(state, batch, rng).compile()
+    compile_s = time.perf_counter() - t0
+    flops = step_flops(compiled)
+    state, metrics = compiled(state, batch, rng)  # warm-up call
+    jax.block_until_ready(metrics)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        state, metrics = compiled(state, batch, rng)
+    jax.block_until_ready(metrics)
+    sec = (time.perf_counter() - t0) / steps
+    peak = matmul_peak_flops(DTYPES[config.model.dtype])
+    return {
+        "device": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
+        "compile_s": compile_s,
+        "sec_per_step": sec,
+        "images_per_sec": global_batch / sec,
+        "step_gflop": flops / 1e9,
+        "achieved_gflops": flops / sec / 1e9,
+        "matmul_peak_gflops": peak / 1e9,
+        "fraction_of_peak": flops / sec / peak,
+        "loss": float(metrics["loss"]),
+    }
+
+
+def main(argv):
+    del argv
+    result = benchmark(_CONFIG.value, _STEPS.value)
+    for key, value in result.items():
+        print(f"{key}={value:.4g}" if isinstance(value, float) else f"{key}={value}")
+
+
+if __name__ == "__main__":
+    app.run(main)

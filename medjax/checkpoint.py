@@ -1,0 +1,115 @@
+"""The one place that talks to orbax: train state + Grain iterator state + run metadata.
+
+A checkpoint step directory holds three items written together:
+``state`` (the train-state pytree), ``data`` (the Grain iterator position, so a
+resumed run sees exactly the batches an uninterrupted one would) and ``meta``
+(JSON: the config and a fingerprint of the model, checked on restore so a
+checkpoint of another architecture is refused with a clear message).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+
+import grain
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+
+class CheckpointMismatchError(ValueError):
+    """The checkpoint in the workdir was written for a different model or run."""
+
+
+def tree_fingerprint(tree) -> dict:
+    """Shapes and dtypes of every leaf, keyed by path: what must match to restore."""
+    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {jax.tree_util.keystr(p): [list(x.shape), str(x.dtype)] for p, x in flat}
+
+
+def content_hash(tree) -> str:
+    """A short hash of the parameter values: records which weights a result came from."""
+    h = hashlib.sha256()
+    for leaf in jax.tree.leaves(tree):
+        h.update(np.ascontiguousarray(jax.device_get(leaf)).tobytes())
+    return h.hexdigest()[:16]
+
+
+class Checkpointer:
+    """Saves and restores (state, data iterator, meta) under ``workdir/checkpoints``."""
+
+    def __init__(self, workdir: str, *, max_to_keep: int = 3, async_save: bool = True):
+        self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=max_to_keep, create=True, enable_async_checkpointing=async_save
+        )
+        self._manager = ocp.CheckpointManager(
+            self.directory,
+            item_names=("state", "data", "meta"),
+            item_handlers={
+                "state": ocp.StandardCheckpointHandler(),
+                "data": grain.checkpoint.CheckpointHandler(),
+                "meta": ocp.JsonCheckpointHandler(),
+            },
+            options=options,
+        )
+
+    def latest_step(self) -> int | None:
+        return self._manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return list(self._manager.all_steps())
+
+    def save(self, step: int, state, data_iterator, meta: dict) -> None:
+        args = {
+            "state": ocp.args.StandardSave(state),
+            "meta": ocp.args.JsonSave(meta),
+        }
+        if data_iterator is not None:
+            args["data"] = grain.checkpoint.CheckpointSave(data_iterator)
+        self._manager.save(step, args=ocp.args.Composite(**args), force=True)
+
+    def restore(self, step: int, abstract_state, data_iterator, expected_meta: dict):
+        """Restores ``step`` into the shapes/shardings of ``abstract_state``; checks the model."""
+        meta = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        _check_compatible(meta, expected_meta, os.path.join(self.directory, str(step)))
+        args = {"state": ocp.args.StandardRestore(abstract_state)}
+        if data_iterator is not None:
+            args["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+        restored = self._manager.restore(step, args=ocp.args.Composite(**args))
+        return restored["state"], meta
+
+    def wait(self) -> None:
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        self._manager.wait_until_finished()
+        self._manager.close()
+
+
+def _check_compatible(meta: dict, expected: dict, path: str) -> None:
+    saved, wanted = meta.get("fingerprint", {}), expected.get("fingerprint", {})
+    if saved == wanted:
+        return
+    missing = sorted(set(wanted) - set(saved))
+    extra = sorted(set(saved) - set(wanted))
+    differ = sorted(k for k in set(saved) & set(wanted) if saved[k] != wanted[k])
+    detail = []
+    if differ:
+        k = differ[0]
+        detail.append(f"{len(differ)} parameters differ in shape, e.g. {k}: checkpoint {saved[k][0]} vs config {wanted[k][0]}")
+    if missing:
+        detail.append(f"{len(missing)} parameters are missing from it, e.g. {missing[0]}")
+    if extra:
+        detail.append(f"{len(extra)} parameters are not in the configured model, e.g. {extra[0]}")
+    raise CheckpointMismatchError(
+        f"The checkpoint {path} was written by a different model ({'; '.join(detail)}); "
+        "use the config it was trained with or start in a fresh --workdir."
+    )
+
+
+def dumps_config(config) -> dict:
+    """The config as plain JSON (for checkpoint metadata and results)."""
+    return json.loads(config.to_json_best_effort())
