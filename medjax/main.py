@@ -67,6 +67,10 @@ def main(argv):
         config = _CONFIG.value
         if config is None:
             raise UsageError("No --config given; e.g. --config=configs/dinov2_reg.py:demo.")
+        try:
+            config.mode  # a config file that failed to load raises on first use
+        except OSError as e:
+            raise UsageError(_flag_error(e, sys.argv)) from None
         if config.mode not in TRAINERS:
             raise UsageError(f"Unknown config.mode {config.mode!r}; choose one of {', '.join(TRAINERS)}.")
         workdir = _check_workdir(_WORKDIR.value)

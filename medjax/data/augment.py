@@ -198,11 +198,11 @@ def multicrop(image, rng: np.random.Generator, cfg: MultiCropConfig) -> dict:
     hw = (height, width)
     blur = cfg.global_blur_p
     global_crops = [
-            _one_crop(planes, hw, cfg.global_size, cfg.global_scale, blur[min(i, len(blur) - 1)], cfg, rng, mean, inv_std)
-            for i in range(cfg.n_global)
+        _one_crop(planes, hw, cfg.global_size, cfg.global_scale, blur[min(i, len(blur) - 1)], cfg, rng, mean, inv_std)
+        for i in range(cfg.n_global)
     ]
     local_crops = [
-            _one_crop(planes, hw, cfg.local_size, cfg.local_scale, cfg.local_blur_p, cfg, rng, mean, inv_std)
-            for _ in range(cfg.n_local)
+        _one_crop(planes, hw, cfg.local_size, cfg.local_scale, cfg.local_blur_p, cfg, rng, mean, inv_std)
+        for _ in range(cfg.n_local)
     ]
     return {"global_crops": global_crops, "local_crops": local_crops}
