@@ -1,0 +1,333 @@
+"""Random-access indexes that turn manifest rows into training records: 2D slices or 3D volumes.
+
+Both are plain sources (`len`, `[i]`) for Grain. A record is dict(image=float32,
+label=int (-1: unlabeled), patient_id=str, split=str, source=str (the file),
+slice_index=int, and mask=uint8 when the row has a mask_path).
+
+Display orientation. Readers return volumes as (X, Y, Z) arrays in RAS+ (indexes
+grow toward the patient's Right, Anterior, Superior). Slices are cut in the
+radiological display convention, so "axial slice k" looks the same whatever the
+file's on-disk orientation:
+  axial    array[:, :, k]  seen from the feet: anterior up, patient-right on the image LEFT
+  coronal  array[:, k, :]  seen from the front: superior up, patient-right on the image left
+  sagittal array[k, :, :]  seen from the patient's left: superior up, anterior on the image left
+An integer `axis` cuts the raw array along that axis with no display transform.
+
+Intensity is normalised per VOLUME, never per slice: a slice that is dark in its
+volume stays dark, as a radiologist sees it, and all slices of a volume share one
+transform (`index.transform(i)`). Masks get the same geometry and no normalisation.
+
+Building an index reads every row once (slice counts, background, mask checks,
+unreadable files: all found before training); decoded volumes then live in a
+small LRU cache, so shuffled access over many volumes rereads files.
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+import time
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+from medjax.data.intensity import normalise
+from medjax.data.manifest import ManifestError, ManifestRow
+from medjax.data.readers import ImageReadError, read_image
+
+AXES = {"sagittal": 0, "coronal": 1, "axial": 2}
+DEFAULT_NORMALISATION = {"method": "percentile", "low": 0.5, "high": 99.5}
+_SPACING_TOL = 1e-3  # mm: masks and images on the same grid agree far better than this
+_PROGRESS_S = 10.0  # print build progress when reading takes longer than this
+
+
+def display_slice(volume: np.ndarray, axis: str | int, k: int) -> np.ndarray:
+    """Slice k of an RAS+ (X, Y, Z) volume along `axis`, in radiological display orientation (see module)."""
+    if axis == "axial":
+        return np.ascontiguousarray(volume[::-1, ::-1, k].T)
+    if axis == "coronal":
+        return np.ascontiguousarray(volume[::-1, k, ::-1].T)
+    if axis == "sagittal":
+        return np.ascontiguousarray(volume[k, ::-1, ::-1].T)
+    return np.ascontiguousarray(np.take(volume, k, axis=axis))
+
+
+def _grid(row: ManifestRow, path: str, data) -> np.ndarray:
+    """The array to slice: a volume (X, Y, Z), or a 2D image as one grey channel (rows, cols).
+
+    Grey X-rays are often saved as RGB with three equal channels (taken as they are);
+    coloured images get the usual ITU-R 601 luma weights.
+    """
+    array = np.asarray(data.array, np.float32)
+    if data.affine is None and array.ndim == 3 and array.shape[-1] in (3, 4):
+        rgb = array[..., :3]
+        same = np.array_equal(rgb[..., 0], rgb[..., 1]) and np.array_equal(rgb[..., 0], rgb[..., 2])
+        array = rgb[..., 0] if same else rgb @ np.asarray([0.299, 0.587, 0.114], np.float32)
+    if array.ndim == 3 and data.affine is None or array.ndim not in (2, 3):
+        raise ManifestError(f"line {row.line}: {path} has shape {array.shape}; slices and volumes need a 2D "
+                            "image (rows, cols), an RGB image, or a single 3D volume (X, Y, Z).")
+    return array
+
+
+class _RowIndex:
+    """Shared machinery: read rows once (reporting or raising on bad ones), normalise, check masks, cache."""
+
+    _expect_3d: bool | None = None
+
+    def __init__(self, rows: Sequence[ManifestRow], *, reader: Callable | None = None,
+                 normalisation: dict | Callable | None = DEFAULT_NORMALISATION, label_columns: Sequence[str] = (),
+                 skip_bad: bool = False, cache_volumes: int = 4):
+        if cache_volumes < 1:
+            raise ValueError(f"cache_volumes={cache_volumes} must be at least 1.")
+        self.rows = tuple(rows)
+        for col in label_columns if self.rows else ():
+            self.rows[0].label(col)  # a KeyError naming the loaded columns now, rather than mid-epoch
+        self.reader = reader if reader is not None else read_image
+        self.normalisation, self.label_columns = normalisation, tuple(label_columns)
+        self.skip_bad, self.cache_volumes = skip_bad, int(cache_volumes)
+        self.bad_rows: list[tuple[int, str, str]] = []  # (CSV line, file, reason)
+        self.transforms: list[dict | None] = []  # per row, None for a skipped row
+        self.skipped = {"background_slices": 0, "bad_rows": 0}
+        self._row_of: list | np.ndarray = []  # entry -> row, and -> slice (-1: the whole volume)
+        self._slice_of: list | np.ndarray = []
+        self._cache: collections.OrderedDict = collections.OrderedDict()
+        self._lock = threading.Lock()
+
+    # Worker processes get a copy without the cache and its lock (neither pickles, neither is state).
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_cache"], state["_lock"] = collections.OrderedDict(), None
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
+    def _normalise(self, array: np.ndarray):
+        if self.normalisation is None:
+            return array.astype(np.float32, copy=False), {"method": "none"}
+        if callable(self.normalisation):
+            out, transform = self.normalisation(array)
+        else:
+            out, transform = normalise(array, self.normalisation)
+        return np.asarray(out, np.float32), transform
+
+    def _read(self, row: ManifestRow):
+        """(normalised image, uint8 mask or None, transform) of a row; read errors name the line and file."""
+        def read(path, what, **kwargs):
+            try:
+                return self.reader(path, **kwargs)
+            except ImageReadError as err:
+                where = "" if path in str(err) else f"{path}: "
+                raise ImageReadError(f"line {row.line} (patient {row.patient_id!r}), {what}: {where}{err}") from err
+
+        data = read(row.path, "path", series_uid=row.series_uid, expect_3d=self._expect_3d)
+        image = _grid(row, row.path, data)
+        mask = None
+        if row.mask_path:
+            mdata = read(row.mask_path, "mask_path", expect_3d=image.ndim == 3)
+            mask = self._check_mask(row, data, image, mdata, _grid(row, row.mask_path, mdata))
+        image, transform = self._normalise(image)
+        return image, mask, transform
+
+    @staticmethod
+    def _check_mask(row, data, image, mdata, mask) -> np.ndarray:
+        """A mask must lie on its image's voxel grid and hold integer labels; anything else is misaligned."""
+        same_grid = image.shape == mask.shape and len(data.spacing) == len(mdata.spacing) and np.allclose(
+            data.spacing, mdata.spacing, rtol=0.0, atol=_SPACING_TOL)
+        if not same_grid:
+            mm = [", ".join(f"{s:.5g}" for s in d.spacing) for d in (mdata, data)]
+            raise ManifestError(
+                f"line {row.line}: mask {row.mask_path} (shape {mask.shape}, spacing ({mm[0]})) does "
+                f"not match image {row.path} (shape {image.shape}, spacing ({mm[1]})); resample the "
+                "mask onto the image grid with nearest-neighbour interpolation.", {"mask_mismatch": [row.line]})
+        if mask.size and (mask.min() < 0 or mask.max() > 255 or not np.array_equal(mask, np.round(mask))):
+            raise ManifestError(
+                f"line {row.line}: mask {row.mask_path} holds values other than integers 0..255 (range "
+                f"{mask.min():g}..{mask.max():g}); masks must be label maps, resampled with nearest neighbour.",
+                {"mask_values": [row.line]})
+        return mask.astype(np.uint8)
+
+    def _build(self, name: str) -> None:
+        """Read every row once; the subclass's `_register(k, row, image)` adds the row's records."""
+        start, last = time.monotonic(), time.monotonic()
+        for k, row in enumerate(self.rows):
+            try:
+                image, mask, transform = self._read(row)
+            except ImageReadError as err:
+                if not self.skip_bad:
+                    raise
+                self.bad_rows.append((row.line, row.path, str(err)))
+                self.transforms.append(None)
+                continue
+            self.transforms.append(transform)
+            self._store(k, (image, mask))
+            self._register(k, row, image)
+            if time.monotonic() - last > _PROGRESS_S:
+                last = time.monotonic()
+                print(f"{name}: read {k + 1}/{len(self.rows)} rows in {last - start:.0f} s", flush=True)
+        self.skipped["bad_rows"] = len(self.bad_rows)
+        self._row_of, self._slice_of = np.asarray(self._row_of, np.int64), np.asarray(self._slice_of, np.int64)
+        self._report(name)
+
+    def _report(self, name: str) -> None:
+        """Anything skipped is said out loud, once, when the index is built."""
+        if self.bad_rows:
+            lines = "\n".join(f"  {reason}" for _, _, reason in self.bad_rows[:5])  # reasons name the line
+            more = f"\n  ... and {len(self.bad_rows) - 5} more (see .bad_rows)" if len(self.bad_rows) > 5 else ""
+            print(f"{name}: skipped {len(self.bad_rows)} of {len(self.rows)} rows whose files could not be read "
+                  f"(skip_bad=True):\n{lines}{more}", flush=True)
+
+    def _store(self, k: int, item) -> None:
+        with self._lock:
+            self._cache[k] = item
+            self._cache.move_to_end(k)
+            while len(self._cache) > self.cache_volumes:
+                self._cache.popitem(last=False)
+
+    def _volume(self, k: int):
+        """(normalised image, mask) of row k, from the cache or read again (identically) from disk."""
+        with self._lock:
+            item = self._cache.get(k)
+            if item is not None:
+                self._cache.move_to_end(k)
+        if item is None:
+            image, mask, _ = self._read(self.rows[k])
+            item = (image, mask)
+            self._store(k, item)
+        return item
+
+    def _record(self, row: ManifestRow, image, mask, slice_index: int) -> dict:
+        rec = dict(image=image, label=row.label(self.label_columns[0]) if self.label_columns else -1,
+                   patient_id=row.patient_id, split=row.split, source=row.path, slice_index=int(slice_index))
+        for col in self.label_columns[1:]:
+            rec[f"label_{col}"] = row.label(col)
+        if mask is not None:
+            rec["mask"] = mask
+        return rec
+
+    def __len__(self) -> int:
+        return len(self._row_of)
+
+    def _entry(self, i: int) -> tuple[int, int]:
+        """(row, slice) of record i; negative indexes count from the end, as for a list."""
+        i = int(i)
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"index {i} is out of range for {len(self)} records.")
+        return int(self._row_of[i]), int(self._slice_of[i])
+
+    def transform(self, i: int) -> dict:
+        """The intensity transform of record i's volume (shared by all its slices)."""
+        return self.transforms[self._entry(i)[0]]
+
+
+class SliceIndex(_RowIndex):
+    """One record per 2D slice of every volume (one per 2D image), background slices skipped if asked.
+
+    A slice is background when fewer than `background_fraction` of its pixels
+    are above the volume's minimum + 1% of its range (after normalisation).
+    Only slices of volumes are skipped; a 2D image is always kept.
+    """
+
+    def __init__(self, rows: Sequence[ManifestRow], *, reader: Callable | None = None, axis: str | int = "axial",
+                 skip_background: bool = True, background_fraction: float = 0.01,
+                 normalisation: dict | Callable | None = DEFAULT_NORMALISATION, label_columns: Sequence[str] = (),
+                 cache_volumes: int = 4, skip_bad: bool = False):
+        if not (axis in AXES or (isinstance(axis, int) and -3 <= axis < 3)):
+            raise ValueError(f"axis={axis!r} must be one of {', '.join(AXES)} or an array axis 0, 1, 2.")
+        if not 0.0 <= background_fraction < 1.0:
+            raise ValueError(f"background_fraction={background_fraction} must lie in [0, 1).")
+        super().__init__(rows, reader=reader, normalisation=normalisation, label_columns=label_columns,
+                         skip_bad=skip_bad, cache_volumes=cache_volumes)
+        self.axis, self.skip_background, self.background_fraction = axis, skip_background, background_fraction
+        self._background_volumes = 0
+        self._build("SliceIndex")
+
+    def _register(self, k, row, image):
+        if image.ndim == 2:
+            self._row_of.append(k)
+            self._slice_of.append(0)
+            return
+        ax = AXES.get(self.axis, self.axis) % 3
+        n = image.shape[ax]
+        keep = np.arange(n)
+        if self.skip_background:
+            lo, hi = float(image.min()), float(image.max())
+            foreground = image > lo + 0.01 * (hi - lo) if hi > lo else np.zeros(image.shape, bool)
+            fraction = foreground.mean(axis=tuple(a for a in range(3) if a != ax))
+            keep = np.flatnonzero(fraction >= self.background_fraction)
+            if len(keep) < n:
+                self.skipped["background_slices"] += n - len(keep)
+                self._background_volumes += 1
+        self._row_of.extend([k] * len(keep))
+        self._slice_of.extend(keep.tolist())
+
+    def _report(self, name):
+        super()._report(name)
+        if self.skipped["background_slices"]:
+            print(f"{name}: skipped {self.skipped['background_slices']} background slices in "
+                  f"{self._background_volumes} volume(s) (fewer than {self.background_fraction:g} of pixels above "
+                  f"1% of the volume's range); {len(self)} slices remain. Pass skip_background=False to keep them.",
+                  flush=True)
+
+    def __getitem__(self, i: int) -> dict:
+        k, s = self._entry(i)
+        image, mask = self._volume(k)
+        if image.ndim == 3:
+            image = display_slice(image, self.axis, s)
+            mask = None if mask is None else display_slice(mask, self.axis, s)
+        else:  # a copy: the cached array must survive in-place augmentation
+            image, mask = image.copy(), None if mask is None else mask.copy()
+        return self._record(self.rows[k], image, mask, s)
+
+
+class VolumeIndex(_RowIndex):
+    """One record per 3D volume (image (X, Y, Z) in RAS+), for 3D models; see `crop` for random crops.
+
+    `slice_index` is -1 in its records. For random crops in a Grain pipeline:
+    `MapDataset.source(index).random_map(index.crop)`.
+    """
+
+    _expect_3d = True
+
+    def __init__(self, rows: Sequence[ManifestRow], *, reader: Callable | None = None,
+                 normalisation: dict | Callable | None = DEFAULT_NORMALISATION, label_columns: Sequence[str] = (),
+                 crop_size: Sequence[int] | None = None, cache_volumes: int = 2, skip_bad: bool = False):
+        if crop_size is not None and (len(crop_size) != 3 or min(crop_size) < 1):
+            raise ValueError(f"crop_size={crop_size} must be three positive sizes (X, Y, Z) or None.")
+        super().__init__(rows, reader=reader, normalisation=normalisation, label_columns=label_columns,
+                         skip_bad=skip_bad, cache_volumes=cache_volumes)
+        self.crop_size = None if crop_size is None else tuple(int(c) for c in crop_size)
+        self._build("VolumeIndex")
+
+    def _register(self, k, row, image):
+        if image.ndim != 3:
+            raise ManifestError(f"line {row.line}: {row.path} is not a 3D volume (shape {image.shape}); "
+                                "VolumeIndex takes volumes only, use SliceIndex for 2D images.")
+        self._row_of.append(k)
+        self._slice_of.append(-1)
+
+    def __getitem__(self, i: int) -> dict:
+        k, _ = self._entry(i)
+        image, mask = self._volume(k)  # copies: the cached arrays must survive in-place augmentation
+        return self._record(self.rows[k], image.copy(), None if mask is None else mask.copy(), -1)
+
+    def crop(self, record: dict, rng: np.random.Generator | None = None) -> dict:
+        """`record` cropped to `crop_size` at a uniformly random position (centred without an rng).
+
+        A volume smaller than the crop is zero-padded at the far end of that axis
+        (zero is background after a [0, 1] normalisation and in a mask).
+        """
+        if self.crop_size is None:
+            raise ValueError("crop() needs crop_size=(X, Y, Z) when the VolumeIndex is built.")
+        shape = record["image"].shape
+        start = [(rng.integers(0, max(s - c, 0) + 1) if rng is not None else max(s - c, 0) // 2)
+                 for s, c in zip(shape, self.crop_size)]
+        box = tuple(slice(int(a), int(a) + c) for a, c in zip(start, self.crop_size))
+        out = dict(record)
+        for key in ("image", "mask"):
+            if key in record:
+                part = record[key][box]
+                pad = [(0, c - p) for c, p in zip(self.crop_size, part.shape)]
+                out[key] = np.pad(part, pad) if any(p for _, p in pad) else np.ascontiguousarray(part)
+        return out
