@@ -22,14 +22,14 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
-from absl import app, flags
+from absl import app, flags, logging
 from PIL import Image
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import accuracy_score, balanced_accuracy_score
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from medjax.data.demo import DemoSlices
+from medjax.train.pretrain_data import DEMO_COLUMNS, demo_manifest, slice_source
 from medjax.train.ssl_model import build_models, init_params
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Workdir of a demo pretraining run.", required=True)
@@ -50,17 +50,20 @@ def load_run(workdir: str, step: int | None):
     return config, state["teacher"]["backbone"], step
 
 
-def images(config, split: str) -> tuple[np.ndarray, np.ndarray]:
-    """(N, S, S, 1) normalised images at the global crop size S and their labels."""
-    d = config.data
-    records = DemoSlices(d.demo_patients, d.demo_slices_per_patient, d.demo_image_size, seed=config.seed).split(split)
+def images(config, workdir: str, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """(N, S, S, 1) normalised slices at the global crop size S and their slice-level lesion labels.
+
+    A slice's label is its patient's lesion class when the lesion mask shows on it, else 0 (none).
+    """
+    manifest = demo_manifest(config, workdir)
+    records = slice_source(config, manifest, split, label_columns=("lesion",), extra_columns=DEMO_COLUMNS)
     size = config.crops.global_size
     mean, std = np.float32(config.crops.mean[0]), np.float32(config.crops.std[0])
     xs, ys = [], []
     for r in records:
         x = np.asarray(Image.fromarray(r["image"], mode="F").resize((size, size), Image.BICUBIC))
         xs.append((np.clip(x, 0.0, 1.0) - mean) / std)
-        ys.append(r["label"])
+        ys.append(r["label"] if r["mask"].any() else 0)
     return np.stack(xs)[..., None].astype(np.float32), np.asarray(ys)
 
 
@@ -85,10 +88,11 @@ def probe(backbone, params, train, test) -> tuple[float, float]:
 
 def main(argv):
     del argv
+    logging.set_verbosity(logging.WARNING)  # orbax logs every read at INFO
     config, pretrained, step = load_run(_WORKDIR.value, _STEP.value)
     models = build_models(config)
     random = init_params(models, jax.random.PRNGKey(config.seed), config)["backbone"]
-    train, test = images(config, "train"), images(config, "test")
+    train, test = images(config, _WORKDIR.value, "train"), images(config, _WORKDIR.value, "test")
     print(f"demo_probe: {_WORKDIR.value} step {step}; {len(train[1])} train / {len(test[1])} test slices")
     results = {}
     for name, params in (("pretrained", pretrained), ("random", random)):

@@ -1,6 +1,6 @@
 """Benchmark of the pretraining step: seconds/step, images/s, FLOP/s vs this machine's matmul peak.
 
-    python -m medjax.bench.step --config=configs/dinov2_reg.py:bench [--steps=20]
+    python -m medjax.bench.step --config=configs/dinov2_reg.py:bench [--steps=20] [--workdir=runs/bench]
 
 The step runs on one real batch from the pipeline (data time excluded), after
 one compiling call. FLOPs per step come from XLA's cost analysis of the
@@ -26,6 +26,7 @@ from medjax.train.ssl_model import DTYPES, build_models
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/dinov2_reg.py:bench", "Pretraining config.")
 _STEPS = flags.DEFINE_integer("steps", 20, "Timed steps.")
+_WORKDIR = flags.DEFINE_string("workdir", "runs/bench", "Where the demo data is written if no manifest is set.")
 
 
 def matmul_peak_flops(dtype=jnp.float32, n: int = 2048, repeats: int = 5) -> float:
@@ -49,7 +50,7 @@ def step_flops(compiled) -> float:
     return float(analysis.get("flops", float("nan"))) if analysis else float("nan")
 
 
-def benchmark(config, steps: int) -> dict:
+def benchmark(config, steps: int, workdir: str) -> dict:
     mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
     global_batch = config.train.batch_size_per_device * mesh.size
     models = build_models(config)
@@ -64,7 +65,7 @@ def benchmark(config, steps: int) -> dict:
         layerwise_decay=config.optim.layerwise_decay,
         patch_embed_lr_mult=config.optim.patch_embed_lr_mult,
     )
-    data = PretrainData(config, mesh)
+    data = PretrainData(config, mesh, workdir)
     batch = data.next_batch()
     data.close()
     step = make_train_step(models, config, pretrain_schedules(config, global_batch), rules, adam)
@@ -97,7 +98,7 @@ def benchmark(config, steps: int) -> dict:
 
 def main(argv):
     del argv
-    result = benchmark(_CONFIG.value, _STEPS.value)
+    result = benchmark(_CONFIG.value, _STEPS.value, _WORKDIR.value)
     for key, value in result.items():
         print(f"{key}={value:.4g}" if isinstance(value, float) else f"{key}={value}")
 

@@ -145,7 +145,7 @@ def run(config, workdir: str) -> dict:
         patch_embed_lr_mult=config.optim.patch_embed_lr_mult,
     )
 
-    data = pretrain_data.PretrainData(config, mesh, say=print if is_main else None)
+    data = pretrain_data.PretrainData(config, mesh, workdir, say=print if is_main else None)
     ckpt = checkpoint.Checkpointer(workdir, max_to_keep=config.train.keep_checkpoints)
     meta = {
         "fingerprint": checkpoint.tree_fingerprint(state.student),

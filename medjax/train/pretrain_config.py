@@ -114,9 +114,19 @@ def recipe(*, registers: int, ibot: bool = True, koleo: bool = True) -> ml_colle
 
     c.data = ml_collections.ConfigDict()
     c.data.manifest = ""  # CSV manifest of the user's scans; empty = the built-in demo dataset
+    c.data.extra_columns = ""  # comma-separated manifest columns to accept besides the known ones
+    c.data.slice_axis = "axial"  # axial | coronal | sagittal: 2D slices cut from each volume
+    c.data.skip_background = True
+    # Intensity normalisation per volume, JSON: {"method": "percentile", "low": .., "high": ..} (MRI,
+    # X-ray) or {"method": "ct_window", "preset": "soft_tissue"} / {"method": "ct_window", "level": 40,
+    # "width": 400} (CT); see medjax.data.intensity.
+    c.data.normalisation = '{"method": "percentile", "low": 0.5, "high": 99.5}'
+    c.data.skip_bad = False  # True: skip unreadable rows (they are listed), False: stop at the first
+    c.data.cache_dir = ""  # if set, normalised slices are cached there in ArrayRecord shards
     c.data.num_workers = 2
-    c.data.demo_patients = 200
-    c.data.demo_slices_per_patient = 8
+    c.data.demo_dir = ""  # where the demo dataset is written; empty = WORKDIR/demo_data
+    c.data.demo_patients = 60
+    c.data.demo_slices = 16
     c.data.demo_image_size = 256
 
     c.mesh = ml_collections.ConfigDict()
@@ -147,8 +157,7 @@ def apply_variant(c: ml_collections.ConfigDict, variant: str, config_file: str) 
         _scale_down(c, embed=192, depth=6, heads=3, global_size=112, local_size=56, n_local=6,
                     prototypes=4096, hidden=512, bottleneck=128, batch=32, epochs=10, epoch_length=12)
         c.optim.base_lr = 0.004 * 4  # short run: a larger step, still scaled by batch
-        c.data.demo_patients = 120
-        c.data.demo_slices_per_patient = 8
+        c.data.demo_patients = 40
         c.data.demo_image_size = 128
         c.data.num_workers = 0
         c.train.log_every = 10
@@ -158,8 +167,8 @@ def apply_variant(c: ml_collections.ConfigDict, variant: str, config_file: str) 
         _scale_down(c, embed=32, depth=2, heads=2, global_size=28, local_size=14, n_local=2,
                     prototypes=64, hidden=64, bottleneck=32, batch=4, epochs=3, epoch_length=2)
         c.model.patch_size = 7
-        c.data.demo_patients = 12
-        c.data.demo_slices_per_patient = 2
+        c.data.demo_patients = 4
+        c.data.demo_slices = 4
         c.data.demo_image_size = 48
         c.data.num_workers = 0
         c.train.log_every = 2

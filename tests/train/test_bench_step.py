@@ -6,9 +6,9 @@ from medjax.bench.step import benchmark, matmul_peak_flops
 from tests.train.helpers import smoke_config
 
 
-def test_step_benchmark_reports_positive_consistent_figures():
+def test_step_benchmark_reports_positive_consistent_figures(tmp_path):
     config = smoke_config()
-    result = benchmark(config, steps=2)
+    result = benchmark(config, steps=2, workdir=str(tmp_path))
     assert result["sec_per_step"] > 0
     assert math.isclose(result["images_per_sec"], config.train.batch_size_per_device / result["sec_per_step"])
     assert result["step_gflop"] > 0  # XLA's cost analysis counted the step
