@@ -67,7 +67,7 @@ def read_dicom_series(folder: str, series_uid: str | None = None) -> ImageData:
     skipped = []
     for name in names:
         path = os.path.join(folder, name)
-        ds = _read(path, skip_non_dicom=True)
+        ds = _read(path, skip_non_dicom=not name.lower().endswith((".dcm", ".dicom")))
         if ds is not None and not _has_pixels(ds):
             if _looks_like_image(ds):  # a truncated slice must not silently leave a gap
                 _require_pixels(ds, path)

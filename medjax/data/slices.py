@@ -31,7 +31,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from medjax.data.intensity import normalise
+from medjax.data.intensity import normalise, resample
 from medjax.data.manifest import ManifestError, ManifestRow
 from medjax.data.readers import ImageReadError, read_image
 
@@ -76,7 +76,7 @@ class _RowIndex:
 
     def __init__(self, rows: Sequence[ManifestRow], *, reader: Callable | None = None,
                  normalisation: dict | Callable | None = DEFAULT_NORMALISATION, label_columns: Sequence[str] = (),
-                 skip_bad: bool = False, cache_volumes: int = 4):
+                 skip_bad: bool = False, cache_volumes: int = 4, target_spacing: Sequence[float] = ()):
         if cache_volumes < 1:
             raise ValueError(f"cache_volumes={cache_volumes} must be at least 1.")
         self.rows = tuple(rows)
@@ -85,6 +85,7 @@ class _RowIndex:
         self.reader = reader if reader is not None else read_image
         self.normalisation, self.label_columns = normalisation, tuple(label_columns)
         self.skip_bad, self.cache_volumes = skip_bad, int(cache_volumes)
+        self.target_spacing = tuple(float(t) for t in target_spacing)
         self.bad_rows: list[tuple[int, str, str]] = []  # (CSV line, file, reason)
         self.transforms: list[dict | None] = []  # per row, None for a skipped row
         self.skipped = {"background_slices": 0, "bad_rows": 0}
@@ -121,14 +122,21 @@ class _RowIndex:
                 where = "" if path in str(err) else f"{path}: "
                 raise ImageReadError(f"line {row.line} (patient {row.patient_id!r}), {what}: {where}{err}") from err
 
-        data = read(row.path, "path", series_uid=row.series_uid, expect_3d=self._expect_3d)
+        data = self._resample(read(row.path, "path", series_uid=row.series_uid, expect_3d=self._expect_3d), 1)
         image = _grid(row, row.path, data)
         mask = None
         if row.mask_path:
-            mdata = read(row.mask_path, "mask_path", expect_3d=image.ndim == 3)
+            # Nearest neighbour for masks, so labels stay labels.
+            mdata = self._resample(read(row.mask_path, "mask_path", expect_3d=image.ndim == 3), 0)
             mask = self._check_mask(row, data, image, mdata, _grid(row, row.mask_path, mdata))
         image, transform = self._normalise(image)
         return image, mask, transform
+
+    def _resample(self, data, order: int):
+        """``data`` on the target grid (2D images use the first two target spacings); as is without one."""
+        if not self.target_spacing:
+            return data
+        return resample(data, self.target_spacing[: len(data.spacing)], order=order)
 
     @staticmethod
     def _check_mask(row, data, image, mdata, mask) -> np.ndarray:
@@ -232,13 +240,13 @@ class SliceIndex(_RowIndex):
     def __init__(self, rows: Sequence[ManifestRow], *, reader: Callable | None = None, axis: str | int = "axial",
                  skip_background: bool = True, background_fraction: float = 0.01,
                  normalisation: dict | Callable | None = DEFAULT_NORMALISATION, label_columns: Sequence[str] = (),
-                 cache_volumes: int = 4, skip_bad: bool = False):
+                 cache_volumes: int = 4, skip_bad: bool = False, target_spacing: Sequence[float] = ()):
         if not (axis in AXES or (isinstance(axis, int) and -3 <= axis < 3)):
             raise ValueError(f"axis={axis!r} must be one of {', '.join(AXES)} or an array axis 0, 1, 2.")
         if not 0.0 <= background_fraction < 1.0:
             raise ValueError(f"background_fraction={background_fraction} must lie in [0, 1).")
         super().__init__(rows, reader=reader, normalisation=normalisation, label_columns=label_columns,
-                         skip_bad=skip_bad, cache_volumes=cache_volumes)
+                         skip_bad=skip_bad, cache_volumes=cache_volumes, target_spacing=target_spacing)
         self.axis, self.skip_background, self.background_fraction = axis, skip_background, background_fraction
         self._background_volumes = 0
         self._build("SliceIndex")
@@ -292,11 +300,12 @@ class VolumeIndex(_RowIndex):
 
     def __init__(self, rows: Sequence[ManifestRow], *, reader: Callable | None = None,
                  normalisation: dict | Callable | None = DEFAULT_NORMALISATION, label_columns: Sequence[str] = (),
-                 crop_size: Sequence[int] | None = None, cache_volumes: int = 2, skip_bad: bool = False):
+                 crop_size: Sequence[int] | None = None, cache_volumes: int = 2, skip_bad: bool = False,
+                 target_spacing: Sequence[float] = ()):
         if crop_size is not None and (len(crop_size) != 3 or min(crop_size) < 1):
             raise ValueError(f"crop_size={crop_size} must be three positive sizes (X, Y, Z) or None.")
         super().__init__(rows, reader=reader, normalisation=normalisation, label_columns=label_columns,
-                         skip_bad=skip_bad, cache_volumes=cache_volumes)
+                         skip_bad=skip_bad, cache_volumes=cache_volumes, target_spacing=target_spacing)
         self.crop_size = None if crop_size is None else tuple(int(c) for c in crop_size)
         self._build("VolumeIndex")
 

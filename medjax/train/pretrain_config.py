@@ -121,6 +121,7 @@ def recipe(*, registers: int, ibot: bool = True, koleo: bool = True) -> ml_colle
     # X-ray) or {"method": "ct_window", "preset": "soft_tissue"} / {"method": "ct_window", "level": 40,
     # "width": 400} (CT); see medjax.data.intensity.
     c.data.normalisation = '{"method": "percentile", "low": 0.5, "high": 99.5}'
+    c.data.target_spacing = ()  # e.g. (1.0, 1.0, 3.0) mm: resample volumes (masks nearest) before slicing
     c.data.skip_bad = False  # True: skip unreadable rows (they are listed), False: stop at the first
     c.data.cache_dir = ""  # if set, normalised slices are cached there in ArrayRecord shards
     c.data.num_workers = 2

@@ -77,11 +77,12 @@ def slice_source(config, manifest_path: str, split: str, *, label_columns=(), ex
                          "its split column.")
     fingerprint = {"manifest": os.path.abspath(manifest_path), "mtime": os.path.getmtime(manifest_path),
                    "split": split, "axis": d.slice_axis, "normalisation": normalisation,
-                   "skip_background": d.skip_background, "labels": list(label_columns)}
+                   "skip_background": d.skip_background, "labels": list(label_columns),
+                   "target_spacing": list(d.target_spacing)}
     if d.cache_dir and cache_is_valid(d.cache_dir, fingerprint):
         return CachedRecords(d.cache_dir, fingerprint=fingerprint)
     index = SliceIndex(rows, axis=d.slice_axis, skip_background=d.skip_background, normalisation=normalisation,
-                       label_columns=label_columns, skip_bad=d.skip_bad)
+                       label_columns=label_columns, skip_bad=d.skip_bad, target_spacing=tuple(d.target_spacing))
     if say:
         say(f"{split} split: {len(rows)} series of {len(rows.patients())} patients -> {len(index)} slices"
             + (f" ({index.skipped['background_slices']} background slices skipped)"

@@ -237,3 +237,26 @@ def test_volume_index_records_crops_and_grain(tmp_path):
         VolumeIndex(_manifest(tmp_path, [("p2", "flat.png", "train", "")]))
     with pytest.raises(ValueError, match="crop_size"):
         VolumeIndex([], crop_size=(2, 3))
+
+
+def test_target_spacing_resamples_images_linearly_and_masks_nearest(tmp_path):
+    import nibabel as nib
+
+    from medjax.data.manifest import load_manifest
+    from medjax.data.slices import SliceIndex
+
+    image = np.zeros((8, 8, 4), np.float32)
+    image[2:6, 2:6, :] = np.linspace(1.0, 2.0, 4)[None, None, :]
+    mask = (image > 0).astype(np.uint8) * 2
+    affine = np.diag([1.0, 1.0, 2.0, 1.0])
+    nib.save(nib.Nifti1Image(image, affine), str(tmp_path / "img.nii.gz"))
+    nib.save(nib.Nifti1Image(mask, affine), str(tmp_path / "mask.nii.gz"))
+    (tmp_path / "m.csv").write_text("patient_id,path,split,mask_path\np1,img.nii.gz,train,mask.nii.gz\n")
+    rows = load_manifest(str(tmp_path / "m.csv"))
+    index = SliceIndex(rows, skip_background=False, normalisation=None, target_spacing=(0.5, 0.5, 1.0))
+    assert len(index) == 8  # 4 slices at 2 mm -> 8 at 1 mm
+    record = index[3]
+    assert record["image"].shape == (16, 16) and record["mask"].shape == (16, 16)
+    assert set(np.unique(record["mask"])) <= {0, 2}  # nearest neighbour keeps labels
+    centre = [index[k]["image"][8, 8] for k in range(len(index))]
+    assert np.all(np.diff(centre) >= 0) and len(np.unique(np.round(centre, 4))) > 4  # linear along z, not copies
