@@ -123,6 +123,7 @@ def recipe(*, registers: int, ibot: bool = True, koleo: bool = True) -> ml_colle
     c.data.normalisation = '{"method": "percentile", "low": 0.5, "high": 99.5}'
     c.data.target_spacing = ()  # e.g. (1.0, 1.0, 3.0) mm: resample volumes (masks nearest) before slicing
     c.data.skip_bad = False  # True: skip unreadable rows (they are listed), False: stop at the first
+    c.data.volumes_in_memory = 8  # decoded volumes kept in an LRU (shuffled slices revisit volumes)
     c.data.cache_dir = ""  # if set, normalised slices are cached there in ArrayRecord shards
     c.data.num_workers = 2
     c.data.demo_dir = ""  # where the demo dataset is written; empty = WORKDIR/demo_data

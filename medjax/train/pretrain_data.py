@@ -82,7 +82,8 @@ def slice_source(config, manifest_path: str, split: str, *, label_columns=(), ex
     if d.cache_dir and cache_is_valid(d.cache_dir, fingerprint):
         return CachedRecords(d.cache_dir, fingerprint=fingerprint)
     index = SliceIndex(rows, axis=d.slice_axis, skip_background=d.skip_background, normalisation=normalisation,
-                       label_columns=label_columns, skip_bad=d.skip_bad, target_spacing=tuple(d.target_spacing))
+                       label_columns=label_columns, skip_bad=d.skip_bad, target_spacing=tuple(d.target_spacing),
+                       cache_volumes=d.volumes_in_memory)
     if say:
         say(f"{split} split: {len(rows)} series of {len(rows.patients())} patients -> {len(index)} slices"
             + (f" ({index.skipped['background_slices']} background slices skipped)"
