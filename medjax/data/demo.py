@@ -1,245 +1,253 @@
-"""A built-in dataset of synthetic brain-MRI-like slices: no download, any size.
+"""The built-in demo dataset written as real files: DICOM series, NIfTI volumes, a CSV manifest.
 
-Every record is computed from (seed, index) when it is read, so the dataset
-is a random-access source that costs no memory and is identical on every
-machine. Each synthetic patient has a head phantom (scalp, dark skull ring,
-CSF, folded grey/white matter, lateral ventricles, deep grey nuclei) with its
-own shape deformation, position, bias field and Rician noise level, and one of
-four lesion kinds that differ in local structure rather than brightness:
+Why files: the demo should go through exactly the code paths a user's data
+takes (manifest validation, DICOM slice sorting and rescale, NIfTI
+reorientation), so it is written to disk in the formats a scanner or a
+conversion tool produces, with the traps real data has: file names that do
+not give the slice order, InstanceNumber counting from the head or from the
+feet, a RescaleSlope that is not 1, a slice gap (SliceThickness is not the
+slice spacing), LPS patient coordinates in DICOM and RAS in NIfTI.
 
-  0 none, 1 round well-defined (bright, homogeneous, sharp edge), 2 ring-shaped
-  (bright rim, dark core, dark oedema halo), 3 diffuse irregular (dark, mottled,
-  lobulated, soft infiltrating margin).
+Layout under `out_dir` (paths in the manifest are relative to it):
 
-Lesions are small next to the slice and the global intensity varies more
-between patients than between classes, so a classifier must look at local
-structure. Labels, lesion masks and splits are per patient: a patient's slices
-all share label and split, and classes are balanced in every split.
+  dicom/<patient>/<contrast>/IM_####.dcm   one folder per series, numbering shuffled
+  nifti/<patient>_<contrast>.nii.gz        the same series, int16 with scl_slope, RAS affine
+  masks/<patient>_lesion.nii.gz            uint8 lesion mask (1 inside the lesion), same grid
+  manifest_dicom.csv, manifest_nifti.csv    one per format: patient_id, path, split, lesion,
+                                           contrast, series_description, mask_path
+  manifest.csv                             a copy of the first format's (DICOM by default)
+
+Pixel data is a function of (seed, patient index) only, so two writes with the
+same seed give byte-identical pixel data (and, for DICOM, identical files: the
+UIDs are derived from the seed). Command line:
+``python -m medjax.data.demo OUT_DIR [--patients N] [--seed S]``.
 """
 
 from __future__ import annotations
 
+import argparse
+import csv
+import datetime
 import math
+import os
+import time
 
 import numpy as np
 
-CLASS_NAMES = ("none", "round", "ring", "diffuse")
+from medjax.data.demo_anatomy import CONTRASTS, synthesize_subject
+
+LESION_CLASSES = ("none", "round", "ring", "diffuse")  # the `lesion` column holds the index into this
 SPLITS = ("train", "val", "test")
-_BAND = 16  # highest in-plane frequency (cycles per field of view) of the anatomy fields
+FORMATS = ("dicom", "nifti")
+MANIFEST_COLUMNS = ("patient_id", "path", "split", "lesion", "contrast", "series_description", "mask_path")
+MAX_STORED = 4095  # BitsStored 12
 
 
-def _harmonics(dx: np.ndarray, dy: np.ndarray, dist: np.ndarray, coef, first: int) -> np.ndarray:
-    """sum_m Re(c_m exp(i (first + m) angle)) for the angle of (dx, dy), by recurrence (no trig calls)."""
-    inv = 1.0 / (dist + 1e-6)
-    c1, s1 = dx * inv, dy * inv
-    cm, sm = c1, s1
-    for _ in range(first - 1):
-        cm, sm = cm * c1 - sm * s1, sm * c1 + cm * s1
-    total = np.zeros(dx.shape, np.float32)
-    for c in coef:
-        total += float(c.real) * cm - float(c.imag) * sm
-        cm, sm = cm * c1 - sm * s1, sm * c1 + cm * s1
-    return total
+def patient_id(index: int) -> str:
+    return f"DEMO{index:04d}"
 
 
-def _ramp(t: np.ndarray, width: float) -> np.ndarray:
-    """Soft step 0 -> 1 around t = 0 over `width` (cheaper than a sigmoid)."""
-    return np.clip(0.5 + t * (1.0 / width), 0.0, 1.0)
+def assign_patients(num_patients: int, seed: int):
+    """Lesion class and split per patient: classes balanced to one patient, splits stratified.
 
-
-class DemoSlices:
-    """Synthetic MRI-like slices as a random-access source of record dicts.
-
-    Record i is patient ``i // slices_per_patient``, axial level
-    ``i % slices_per_patient``: ``dict(image=float32 (size, size) in [0, 1],
-    label=int, mask=uint8 (size, size), patient_id=str, split=str)``.
+    Patient j of a seeded permutation gets class j % 4. Within each class, 15 % of its
+    patients go to val (rounded half up), 15 % to test (rounded half down), at least one
+    each once the class has three patients, the rest to train: every split sees every
+    class, and a patient has exactly one split.
     """
-
-    num_classes = len(CLASS_NAMES)
-    class_names = CLASS_NAMES
-
-    def __init__(self, num_patients: int = 120, slices_per_patient: int = 8, size: int = 128, seed: int = 0,
-                 split_fractions: tuple[float, float, float] = (0.7, 0.15, 0.15)):
-        if num_patients < 1 or slices_per_patient < 1:
-            raise ValueError(f"num_patients={num_patients} and slices_per_patient={slices_per_patient} "
-                             "must both be at least 1.")
-        if size < 32:
-            raise ValueError(f"size={size} is too small for the phantom; use at least 32 pixels.")
-        if len(split_fractions) != 3 or min(split_fractions) < 0 or not math.isclose(sum(split_fractions), 1.0):
-            raise ValueError(f"split_fractions={split_fractions} must be three non-negative fractions "
-                             "(train, val, test) summing to 1.")
-        self.num_patients, self.slices_per_patient = int(num_patients), int(slices_per_patient)
-        self.size, self.seed = int(size), int(seed)
-        # Patient j of a seeded permutation gets class j % 4, and the first
-        # n_train of the permutation form train, then val, then test: classes
-        # are balanced (to one patient) overall and within every split.
-        order = np.random.default_rng([self.seed, 0x5EED]).permutation(self.num_patients)
-        rank = np.empty(self.num_patients, np.int64)
-        rank[order] = np.arange(self.num_patients)
-        self.patient_labels = (rank % self.num_classes).astype(np.int64)
-        n_train = int(round(split_fractions[0] * self.num_patients))
-        n_val = int(round(split_fractions[1] * self.num_patients))
-        self.patient_splits = np.where(rank < n_train, 0, np.where(rank < n_train + n_val, 1, 2)).astype(np.int8)
-        c = (np.arange(self.size, dtype=np.float32) + 0.5) * (2.0 / self.size) - 1.0
-        self._v, self._u = np.meshgrid(c, c, indexing="ij")  # v: rows (anterior-posterior), u: columns
-        kr = np.fft.fftfreq(2 * _BAND, 1.0 / (2 * _BAND))
-        kc = np.arange(_BAND + 1, dtype=np.float64)
-        self._k = np.hypot(kr[:, None], kc[None, :])
-
-    def __len__(self) -> int:
-        return self.num_patients * self.slices_per_patient
-
-    def split(self, name: str) -> "DemoSplit":
-        """The records of one split ('train', 'val' or 'test'), as a random-access view."""
-        if name not in SPLITS:
-            raise ValueError(f"split={name!r} is not one of {SPLITS}.")
-        return DemoSplit(self, name)
-
-    def __getitem__(self, index: int) -> dict:
-        index = int(index)
-        if not -len(self) <= index < len(self):
-            raise IndexError(f"index {index} is out of range for {len(self)} demo slices.")
-        patient, level = divmod(index % len(self), self.slices_per_patient)
-        label = int(self.patient_labels[patient])
-        image, mask = self._render(patient, level, label)
-        return dict(image=image, label=label, mask=mask, patient_id=f"demo{patient:05d}",
-                    split=SPLITS[self.patient_splits[patient]])
-
-    # ---- rendering -----------------------------------------------------------------------------
-
-    def _field(self, rng: np.random.Generator, z: float, peak: float) -> np.ndarray:
-        """Unit-variance random field at axial level z, band-passed around `peak` cycles/FOV.
-
-        Each Fourier component also carries a random axial frequency, so nearby
-        levels of one patient look like neighbouring slices of one volume. Only
-        frequencies up to _BAND are non-zero, so the anatomy does not depend on `size`.
-        """
-        amp = np.exp(-0.5 * ((self._k - peak) / (0.35 * peak)) ** 2)
-        coef = rng.standard_normal(amp.shape) + 1j * rng.standard_normal(amp.shape)
-        kz = rng.standard_normal(amp.shape) * (math.pi * self._k)
-        band = amp * coef * np.exp(1j * kz * z)
-        spec = np.zeros((self.size, self.size // 2 + 1), np.complex64)
-        spec[:_BAND, :_BAND + 1] = band[:_BAND]
-        spec[-_BAND:, :_BAND + 1] = band[_BAND:]
-        f = np.fft.irfft2(spec, s=(self.size, self.size))
-        return f * (1.0 / (f.std() + 1e-12))
-
-    def _render(self, patient: int, level: int, label: int):
-        prng = np.random.default_rng([self.seed, patient])
-        n = self.slices_per_patient
-        z = 0.0 if n == 1 else -0.3 + 0.6 * level / (n - 1)
-
-        # Head pose and shape: rotation, shift, elliptical axes shrinking away from z = 0, harmonics.
-        # (Python floats keep every image operation in float32.)
-        angle = float(prng.uniform(-0.17, 0.17))
-        sx, sy = (float(t) for t in prng.uniform(-0.05, 0.05, 2))
-        shrink = math.sqrt(1.0 - (z / 0.9) ** 2)
-        ax, ay = float(prng.uniform(0.68, 0.78)) * shrink, float(prng.uniform(0.80, 0.90)) * shrink
-        harm = prng.normal(0.0, 0.025, 4) * np.exp(1j * prng.uniform(0.0, 2 * math.pi, 4))
-        ca, sa = math.cos(angle), math.sin(angle)
-        x = (ca * (self._u - sx) + sa * (self._v - sy)) * (1.0 / ax)
-        y = (-sa * (self._u - sx) + ca * (self._v - sy)) * (1.0 / ay)
-        r0 = np.sqrt(x * x + y * y)
-        rho = r0 / (1.0 + _harmonics(x, y, r0, harm, first=1))
-        px = 2.0 / self.size / (0.5 * (ax + ay))  # one pixel in rho units
-
-        folds = self._field(prng, z, 9.0)
-        sulci = self._field(prng, z, 12.0)
-        # Brain: grey matter, white matter inside an undulating boundary, CSF-filled sulci.
-        rb = rho / 0.83
-        wm = _ramp(0.70 - rb + 0.07 * folds, 0.05)
-        img = 0.48 + 0.30 * wm
-        sulcal = _ramp(rb - 0.55, 0.1) * _ramp(0.35 - np.abs(sulci), 0.25)
-        img = img - 0.33 * sulcal
-        # Deep grey nuclei and lateral ventricles (larger near the middle levels).
-        vsize = float(prng.uniform(0.7, 1.3)) * max(0.0, 1.0 - (z / 0.35) ** 2)
-        for side in (-1.0, 1.0):
-            nx, ny = x - side * 0.26, y + 0.05
-            img = img - 0.22 * _ramp(1.0 - (nx / 0.14) ** 2 - (ny / 0.2) ** 2, 0.4)
-            if vsize > 0.05:
-                vx, vy = x - side * 0.09, y + 0.02
-                rx, ry = vx * 0.96 - side * vy * 0.26, vy * 0.96 + side * vx * 0.26
-                inside = 1.0 - (rx / (0.06 * vsize)) ** 2 - (ry / (0.32 * vsize)) ** 2
-                img = np.where(inside > 0, 0.13, img)
-
-        mask = np.zeros((self.size, self.size), np.uint8)
-        lesion = self._lesion(prng, z, label)
-        if lesion is not None:  # rendered in a window around it: a lesion is small
-            cx, cy, reach = lesion[:3]
-            col = (sx + ca * cx * ax - sa * cy * ay + 1.0) * self.size / 2
-            row = (sy + sa * cx * ax + ca * cy * ay + 1.0) * self.size / 2
-            half = reach * max(ax, ay) * self.size / 2 + 3
-            win = (slice(max(0, int(row - half)), int(row + half) + 1),
-                   slice(max(0, int(col - half)), int(col + half) + 1))
-            img[win], mask[win] = self._draw(lesion, img[win], x[win], y[win], sulci[win], px, label)
-        # Shells: CSF rim, dark skull ring, bright scalp, air.
-        img = np.where(rho > 0.83, 0.13, img)
-        img = img + (0.08 - 0.13) * _ramp(rho - 0.865, px)
-        img = img + (0.75 - 0.08) * _ramp(rho - 0.935, px)
-        img = img * _ramp(1.0 - rho, px)
-
-        # Scanner: smooth multiplicative bias field, gain, Rician noise.
-        srng = np.random.default_rng([self.seed, patient, level])
-        b = [float(t) for t in prng.normal(0.0, 0.08, 5)]
-        u, v = self._u, self._v
-        bias = 1.0 + b[0] * u + b[1] * v + b[2] * u * u + b[3] * v * v + b[4] * u * v
-        img = img * bias * float(prng.uniform(0.85, 1.15))
-        sigma = float(prng.uniform(0.015, 0.04))
-        noise = srng.standard_normal((2, self.size, self.size), dtype=np.float32) * sigma
-        img = np.sqrt((img + noise[0]) ** 2 + noise[1] ** 2)
-        image = np.clip(img * (1.0 / 0.95), 0.0, 1.0).astype(np.float32)
-        return image, mask
-
-    def _lesion(self, prng, z, label):
-        """Lesion centre, extent (head-frame units), radius at this level and lobes; None for class 0."""
-        # Drawn for every class so the anatomy does not depend on the label.
-        r_max, where = float(prng.uniform(0.13, 0.19)), float(prng.uniform(0.2, 0.5))
-        ang, z_c = float(prng.uniform(0.0, 2 * math.pi)), float(prng.uniform(-0.1, 0.1))
-        lobes = prng.normal(0.0, 0.12, 3) * np.exp(1j * prng.uniform(0.0, 2 * math.pi, 3))
-        if label == 0:
-            return None
-        # Spherical-ish lesion cut at level z; it reaches every level, at least 0.6 of its radius.
-        span = 0.0 if self.slices_per_patient == 1 else max(abs(-0.3 - z_c), abs(0.3 - z_c))
-        r = r_max * math.sqrt(max(0.0, 1.0 - (abs(z - z_c) / (1.25 * span + 1e-6)) ** 2))
-        r = max(r, 0.6 * r_max)
-        return where * math.cos(ang), where * math.sin(ang), 2.3 * r, r, lobes
-
-    @staticmethod
-    def _draw(lesion, img, x, y, texture, px, label):
-        """Tissue window with the lesion drawn in, and its uint8 mask."""
-        cx, cy, _, r, lobes = lesion
-        dx, dy = x - cx, y - cy
-        d = np.sqrt(dx * dx + dy * dy)
-        if label == 1:  # round, homogeneous, sharp margin
-            a = _ramp(r - d, px)
-            out = img * (1.0 - a) + a * (0.9 + 0.02 * texture)
-        elif label == 2:  # ring: bright rim, dark necrotic core, dark oedema halo
-            a = _ramp(r - d, px)
-            rim = a * _ramp(d - 0.55 * r, px)
-            halo = _ramp(1.7 * r - d, 0.5 * r) * (1.0 - a)
-            out = img * (1.0 - a - 0.25 * halo) + rim * 0.95 + (a - rim) * 0.2
-        else:  # diffuse: lobulated, soft infiltrating margin, mottled inside (stays within 2.2 r)
-            wobble = np.clip(_harmonics(dx, dy, d, lobes, first=2), -0.4, 0.4)
-            edge = 1.2 * r * (1.0 + wobble) * (1.0 + 0.15 * np.clip(texture, -2.0, 2.0))
-            a = _ramp(edge - d, 4 * px)
-            out = img * (1.0 - a) + a * (0.3 + 0.1 * texture)
-        return out, (a > 0.5).astype(np.uint8)
+    rng = np.random.default_rng([seed, 0x5EED])
+    labels = np.empty(num_patients, np.int64)
+    labels[rng.permutation(num_patients)] = np.arange(num_patients) % len(LESION_CLASSES)
+    splits = [""] * num_patients
+    for c in range(len(LESION_CLASSES)):
+        members = rng.permutation(np.flatnonzero(labels == c))
+        n, floor_ = members.size, 1 if members.size >= 3 else 0
+        n_val = max(floor_, math.floor(0.15 * n + 0.5))
+        n_test = max(floor_, math.ceil(0.15 * n - 0.5))
+        for rank, p in enumerate(members):
+            splits[p] = "val" if rank < n_val else "test" if rank < n_val + n_test else "train"
+    return labels, splits
 
 
-class DemoSplit:
-    """One split of a `DemoSlices`: the slices of that split's patients, in patient order."""
+def _quantise(volume: np.ndarray):
+    """Stored uint16 values and the rescale slope: value = stored * slope (+ intercept 0)."""
+    slope = float(f"{float(volume.max()) / (MAX_STORED - 95):.6g}")  # a little headroom under 4095
+    stored = np.clip(np.rint(volume / np.float32(slope)), 0, MAX_STORED).astype(np.uint16)
+    return stored, slope
 
-    def __init__(self, parent: DemoSlices, name: str):
-        self.parent, self.name = parent, name
-        self.patients = np.flatnonzero(parent.patient_splits == SPLITS.index(name))
-        self.num_classes, self.class_names = parent.num_classes, parent.class_names
 
-    def __len__(self) -> int:
-        return len(self.patients) * self.parent.slices_per_patient
+def _ds(x: float) -> str:
+    """A DICOM decimal string (at most 16 characters)."""
+    return format(float(x), ".10g")
 
-    def __getitem__(self, index: int) -> dict:
-        index = int(index)
-        if not -len(self) <= index < len(self):
-            raise IndexError(f"index {index} is out of range for the {len(self)} {self.name} slices.")
-        p, level = divmod(index % len(self), self.parent.slices_per_patient)
-        return self.parent[int(self.patients[p]) * self.parent.slices_per_patient + level]
+
+def _uid(seed: int, *parts) -> str:
+    from pydicom.uid import generate_uid
+
+    return generate_uid(entropy_srcs=["medjax-demo", str(seed), *map(str, parts)])
+
+
+def _write_dicom_series(folder: str, stored: np.ndarray, slope: float, geom, seq: dict, info: dict,
+                        rng: np.random.Generator) -> None:
+    """One axial series, one file per slice, in LPS patient coordinates."""
+    import pydicom
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage
+
+    os.makedirs(folder, exist_ok=True)
+    for name in os.listdir(folder):  # a previous write with other settings must not leave extra slices
+        if name.startswith("IM_") and name.endswith(".dcm"):
+            os.remove(os.path.join(folder, name))
+    nx, ny, nz = stored.shape
+    (dx, dy, dz), aff = geom.spacing, geom.affine
+    # RAS voxel (i, j, k) -> LPS. Rows run posterior (+y LPS) and columns to the left (+x LPS),
+    # so the first pixel is the right-anterior corner: pixel[r, c] = volume[nx-1-c, ny-1-r, k].
+    x0, y0 = -(aff[0, 3] + (nx - 1) * dx), -(aff[1, 3] + (ny - 1) * dy)
+    descending = bool(rng.random() < 0.5)  # InstanceNumber from the head down or from the feet up
+    file_numbers = rng.permutation(nz) + 1
+    window = np.percentile(stored[stored > 0], [1.0, 99.5]) * slope if np.any(stored > 0) else (0.0, 1.0)
+    # One dataset per series; the loop below changes only what differs between slices (fast).
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = MRImageStorage
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SpecificCharacterSet = "ISO_IR 100"
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "M", "NONE"]
+    ds.SOPClassUID = MRImageStorage
+    ds.StudyDate = ds.SeriesDate = ds.ContentDate = info["date"]
+    ds.StudyTime, ds.SeriesTime = "090000", info["time"]
+    ds.AccessionNumber, ds.ReferringPhysicianName = "", ""
+    ds.Modality, ds.Manufacturer = "MR", "medjax synthetic"
+    ds.StudyDescription = "Brain MRI (synthetic demo)"
+    ds.SeriesDescription = seq["description"]
+    ds.PatientName, ds.PatientID = info["patient_name"], info["patient_id"]
+    ds.PatientBirthDate, ds.PatientSex = "", "O"
+    ds.BodyPartExamined = "BRAIN"
+    ds.ScanningSequence, ds.SequenceVariant = seq["scanning"], seq["variant"]
+    ds.ScanOptions = "IR" if seq["ti"] is not None else ""
+    ds.MRAcquisitionType = "2D"
+    ds.SliceThickness = _ds(geom.thickness)
+    ds.RepetitionTime, ds.EchoTime = _ds(seq["tr"]), _ds(seq["te"])
+    if seq["ti"] is not None:
+        ds.InversionTime = _ds(seq["ti"])
+    ds.NumberOfAverages, ds.ImagingFrequency, ds.ImagedNucleus = "1", "63.87", "1H"
+    ds.MagneticFieldStrength, ds.EchoTrainLength, ds.FlipAngle = "1.5", seq["etl"], "90"
+    ds.SpacingBetweenSlices = _ds(dz)
+    ds.PatientPosition = "HFS"
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = info["study_uid"], info["series_uid"]
+    ds.StudyID, ds.SeriesNumber, ds.AcquisitionNumber = "1", info["series_number"], 1
+    ds.ImageOrientationPatient = ["1", "0", "0", "0", "1", "0"]
+    ds.FrameOfReferenceUID, ds.PositionReferenceIndicator = info["frame_uid"], ""
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.Rows, ds.Columns = ny, nx
+    ds.PixelSpacing = [_ds(dy), _ds(dx)]  # row spacing (between rows), column spacing
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    ds.WindowCenter, ds.WindowWidth = _ds(round(np.mean(window), 1)), _ds(round(np.ptp(window), 1))
+    ds.RescaleIntercept, ds.RescaleSlope, ds.RescaleType = "0", _ds(slope), "US"
+    for k in range(nz):
+        sop = _uid(info["seed"], info["patient_id"], info["contrast"], "sop", k)
+        meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID = sop
+        ds.InstanceNumber = nz - k if descending else k + 1
+        z = aff[2, 3] + k * dz
+        ds.ImagePositionPatient = [_ds(x0), _ds(y0), _ds(z)]
+        ds.SliceLocation = _ds(z)
+        ds.PixelData = np.ascontiguousarray(stored[::-1, ::-1, k].T).astype("<u2").tobytes()
+        pydicom.dcmwrite(os.path.join(folder, f"IM_{file_numbers[k]:04d}.dcm"), ds, enforce_file_format=True)
+
+
+def _write_nifti(path: str, data: np.ndarray, affine: np.ndarray, slope: float | None, descrip: str) -> None:
+    """RAS NIfTI-1 with qform and sform; integer data with the same rescale slope as the DICOM."""
+    import nibabel as nib
+
+    img = nib.Nifti1Image(data, affine)
+    if slope is not None:
+        img.header.set_slope_inter(slope, 0.0)  # explicit scaling: nibabel writes the integers as they are
+    img.header.set_xyzt_units("mm", "sec")
+    img.header["descrip"] = descrip.encode()[:79]
+    img.set_qform(affine, code=1)
+    img.set_sform(affine, code=1)
+    nib.save(img, path)
+
+
+def write_demo_dataset(out_dir: str, *, num_patients: int = 24, seed: int = 0, image_size: int = 128,
+                       slices: int = 16, formats=FORMATS, contrasts=CONTRASTS) -> str:
+    """Write the demo dataset under `out_dir` and return the path of its manifest.csv."""
+    formats, contrasts = tuple(formats), tuple(contrasts)
+    if num_patients < 1 or slices < 1:
+        raise ValueError(f"num_patients={num_patients} and slices={slices} must both be at least 1.")
+    if image_size < 32:
+        raise ValueError(f"image_size={image_size} is too small for a head; use at least 32 pixels.")
+    if not formats or set(formats) - set(FORMATS):
+        raise ValueError(f"formats={formats} must be a non-empty selection of {FORMATS}.")
+    if not contrasts or set(contrasts) - set(CONTRASTS):
+        raise ValueError(f"contrasts={contrasts} must be a non-empty selection of {CONTRASTS}.")
+    out_dir = os.path.abspath(out_dir)
+    for sub in ("masks",) + formats:
+        os.makedirs(os.path.join(out_dir, sub), exist_ok=True)
+    labels, splits = assign_patients(num_patients, seed)
+    rows = []
+    for p in range(num_patients):
+        pid, label = patient_id(p), int(labels[p])
+        subj = synthesize_subject(seed, p, label, image_size=image_size, slices=slices, contrasts=contrasts)
+        mask_rel = f"masks/{pid}_lesion.nii.gz"
+        _write_nifti(os.path.join(out_dir, mask_rel), subj.mask, subj.geometry.affine, None, "lesion mask")
+        date = (datetime.date(2024, 1, 1) + datetime.timedelta(days=(seed * 37 + p * 11) % 365)).strftime("%Y%m%d")
+        study_uid = _uid(seed, pid, "study")
+        for number, c in enumerate(contrasts, start=1):
+            seq = subj.sequences[c]
+            stored, slope = _quantise(subj.images[c])
+            if "dicom" in formats:
+                rel = f"dicom/{pid}/{c}"
+                info = dict(seed=seed, patient_id=pid, patient_name=f"Demo^{pid}", contrast=c, date=date,
+                            time=f"09{number * 5:02d}00", study_uid=study_uid, series_uid=_uid(seed, pid, c, "series"),
+                            frame_uid=_uid(seed, pid, "frame"), series_number=CONTRASTS.index(c) + 1)
+                _write_dicom_series(os.path.join(out_dir, rel), stored, slope, subj.geometry, seq, info,
+                                    np.random.default_rng([seed, p, 5, CONTRASTS.index(c)]))
+                rows.append((pid, rel, splits[p], label, c, seq["description"], mask_rel))
+            if "nifti" in formats:
+                rel = f"nifti/{pid}_{c}.nii.gz"
+                _write_nifti(os.path.join(out_dir, rel), stored.astype(np.int16), subj.geometry.affine, slope,
+                             seq["description"])
+                rows.append((pid, rel, splits[p], label, c, seq["description"], mask_rel))
+    # One manifest per format (the same series twice would double-count slices in training);
+    # manifest.csv is the first format's, DICOM by default.
+    for fmt in formats:
+        _write_manifest(os.path.join(out_dir, f"manifest_{fmt}.csv"), [r for r in rows if r[1].startswith(fmt)])
+    path = os.path.join(out_dir, "manifest.csv")
+    _write_manifest(path, [r for r in rows if r[1].startswith(formats[0])])
+    return path
+
+
+def _write_manifest(path: str, rows) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f, lineterminator="\n")
+        writer.writerow(MANIFEST_COLUMNS)
+        writer.writerows(rows)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m medjax.data.demo",
+        description="Write the synthetic brain-MRI demo dataset (DICOM, NIfTI, manifest.csv).")
+    parser.add_argument("out_dir")
+    parser.add_argument("--patients", type=int, default=24)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--image-size", type=int, default=128)
+    parser.add_argument("--slices", type=int, default=16)
+    parser.add_argument("--formats", default=",".join(FORMATS), help="comma-separated: dicom,nifti")
+    parser.add_argument("--contrasts", default=",".join(CONTRASTS), help="comma-separated: T1,T2,FLAIR")
+    args = parser.parse_args(argv)
+    start = time.perf_counter()
+    try:
+        path = write_demo_dataset(args.out_dir, num_patients=args.patients, seed=args.seed,
+                                  image_size=args.image_size, slices=args.slices,
+                                  formats=[f for f in args.formats.split(",") if f],
+                                  contrasts=[c for c in args.contrasts.split(",") if c])
+    except ValueError as e:
+        parser.error(str(e))
+    print(f"wrote {path} ({args.patients} patients) in {time.perf_counter() - start:.1f} s")
+
+
+if __name__ == "__main__":
+    main()

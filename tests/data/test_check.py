@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from medjax.data import check
-from medjax.data.demo_files import write_demo_dataset
+from medjax.data.demo import write_demo_dataset
 
 COLUMNS = ["--label-columns", "lesion", "--ignore-columns", "contrast,series_description"]
 
