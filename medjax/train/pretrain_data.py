@@ -17,7 +17,7 @@ from medjax import sharding
 from medjax.data import pipeline
 from medjax.data.augment import MultiCropConfig
 from medjax.data.cache import CachedRecords, cache_is_valid, write_cache
-from medjax.data.demo_files import write_demo_dataset
+from medjax.data.demo import write_demo_dataset
 from medjax.data.manifest import load_manifest
 from medjax.data.slices import SliceIndex
 
