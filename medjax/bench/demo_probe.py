@@ -29,6 +29,7 @@ from sklearn.metrics import accuracy_score, balanced_accuracy_score
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
+from medjax.train.pretrain_config import apply_variant, recipe
 from medjax.train.pretrain_data import DEMO_COLUMNS, demo_manifest, slice_source
 from medjax.train.ssl_model import build_models, init_params
 
@@ -45,9 +46,21 @@ def load_run(workdir: str, step: int | None):
         raise SystemExit(f"demo_probe: no checkpoints in {root}.")
     step = steps[-1] if step is None else step
     with open(os.path.join(root, str(step), "meta", "metadata")) as f:
-        config = ml_collections.ConfigDict(json.load(f)["config"])  # exactly what the run trained with
+        saved = json.load(f)["config"]
+    # The demo config, overwritten with every value the run saved (keys added since keep their defaults).
+    config = apply_variant(recipe(registers=saved["model"]["num_register_tokens"]), "demo", "demo_probe")
+    _overlay(config, saved)
     state = ocp.StandardCheckpointer().restore(os.path.join(root, str(step), "state"))
     return config, state["teacher"]["backbone"], step
+
+
+def _overlay(config: ml_collections.ConfigDict, saved: dict) -> None:
+    for key, value in saved.items():
+        if isinstance(config.get(key), ml_collections.ConfigDict):
+            _overlay(config[key], value)
+        elif key in config:
+            with config.ignore_type():
+                config[key] = tuple(value) if isinstance(value, list) else value
 
 
 def images(config, workdir: str, split: str) -> tuple[np.ndarray, np.ndarray]:

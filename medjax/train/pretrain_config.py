@@ -161,6 +161,7 @@ def apply_variant(c: ml_collections.ConfigDict, variant: str, config_file: str) 
         c.optim.base_lr = 0.004 * 4  # short run: a larger step, still scaled by batch
         c.data.demo_patients = 40
         c.data.demo_image_size = 128
+        c.data.volumes_in_memory = 128  # all 120 demo series (1 MB each): no re-decoding
         c.data.num_workers = 0
         c.train.log_every = 10
         c.train.checkpoint_every = 60
