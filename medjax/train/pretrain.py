@@ -213,16 +213,32 @@ def _title(config) -> str:
     return f"medjax pretraining: {m.arch}{regs}, patch {m.patch_size}"
 
 
+def collapse_verdict(teacher_entropy: float, batch_entropy: float, n_prototypes: int) -> str:
+    """One line on the teacher's state: uniform, a single mode, or neither."""
+    log_k = float(np.log(n_prototypes))
+    if teacher_entropy > 0.98 * log_k:
+        return ("collapsed to uniform: every image gets the same flat target (expected early in a run much "
+                "shorter than the teacher's EMA horizon; see training_overview.png)")
+    if batch_entropy < 0.1 * log_k:
+        return "collapsed to one mode: every image gets the same sharp target (see training_overview.png)"
+    # batch_entropy - teacher_entropy is the information the target carries about the image.
+    if batch_entropy - teacher_entropy < 0.05 * log_k:
+        return "targets do not (yet) depend on the image: the batch mean is as spread as each target"
+    return "not collapsed: targets are image-specific and spread over the prototypes"
+
+
 def _print_summary(summary: dict, config) -> None:
     last = summary["final_metrics"]
     k = config.head.n_prototypes
+    verdict = collapse_verdict(last.get("teacher_entropy", np.nan), last.get("teacher_batch_entropy", np.nan), k)
     print(
-        f"\nPretraining finished: {summary['steps']} steps in {summary['minutes']:.1f} min.\n"
+        f"\nPretraining finished at step {summary['steps']} of {summary['total_steps']} "
+        f"({summary['minutes']:.1f} min in this run).\n"
         f"  final loss {last.get('loss', float('nan')):.4f}"
         f" (dino {last.get('dino_global_loss', 0) + last.get('dino_local_loss', 0):.4f},"
         f" ibot {last.get('ibot_loss', 0):.4f}, koleo {last.get('koleo_loss', 0):.4f})\n"
         f"  teacher entropy {last.get('teacher_entropy', float('nan')):.2f} nats per sample,"
         f" {last.get('teacher_batch_entropy', float('nan')):.2f} for the batch mean"
-        f" (uniform = {np.log(k):.2f}, one-hot = 0)\n"
+        f" (uniform = {np.log(k):.2f}, one-hot = 0): {verdict}\n"
         f"  workdir {summary['workdir']}: checkpoints/, tensorboard/, metrics.jsonl, training_overview.png"
     )

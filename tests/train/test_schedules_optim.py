@@ -132,3 +132,13 @@ def test_last_layer_follows_its_own_lr():
     out = optim.adamw_step({"dino_head": params}, updates, rules, lr=0.1, last_layer_lr=0.0, weight_decay=0.0)
     np.testing.assert_array_equal(out["dino_head"]["last_layer"]["w"], 1.0)  # frozen
     np.testing.assert_allclose(out["dino_head"]["other"]["w"], 0.9)
+
+
+def test_collapse_verdict_names_each_state():
+    from medjax.train.pretrain import collapse_verdict
+
+    log_k = np.log(4096)
+    assert collapse_verdict(0.99 * log_k, log_k, 4096).startswith("collapsed to uniform")
+    assert collapse_verdict(0.01, 0.02, 4096).startswith("collapsed to one mode")
+    assert collapse_verdict(3.0, 3.1, 4096).startswith("targets do not (yet) depend on the image")
+    assert collapse_verdict(3.0, 8.0, 4096).startswith("not collapsed")
