@@ -19,8 +19,7 @@ import time
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from medjax.data import pipeline
-from medjax.train.pretrain_data import DEMO_COLUMNS, crop_config, demo_manifest, slice_source
+from medjax.train.pretrain_data import DEMO_COLUMNS, demo_manifest, pretrain_iterator, slice_source
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/dinov2_reg.py:demo", "Pretraining config.")
 _BATCHES = flags.DEFINE_integer("batches", 20, "Timed batches per case.")
@@ -31,16 +30,7 @@ _WORKERS = flags.DEFINE_list("workers", ["0", "1", "2"], "Worker-process counts 
 def time_pipeline(source, config, *, num_workers: int, batches: int) -> float:
     """Samples per second of the pretraining pipeline over ``source``."""
     batch_size = config.train.batch_size_per_device
-    iterator = pipeline.make_iterator(
-        source,
-        crop_config(config),
-        batch_size=batch_size,
-        patch_size=config.model.patch_size,
-        mask_probability=config.loss.mask_probability,
-        mask_ratio=(config.loss.mask_ratio_min, config.loss.mask_ratio_max),
-        seed=config.seed,
-        num_workers=num_workers,
-    )
+    iterator = pretrain_iterator(config, source, batch_size, num_workers=num_workers)
     next(iterator)  # start-up and worker spawn are not throughput
     start = time.perf_counter()
     for _ in range(batches):

@@ -105,6 +105,22 @@ def pretrain_source(config, workdir: str, say=None):
     return slice_source(config, config.data.manifest, "train", say=say)
 
 
+def pretrain_iterator(config, source, batch_size: int, *, num_workers: int | None = None):
+    """The config's Grain pipeline (multi-crop + masks + batches) over ``source``, this process's share."""
+    return pipeline.make_iterator(
+        source,
+        crop_config(config),
+        batch_size=batch_size,
+        patch_size=config.model.patch_size,
+        mask_probability=config.loss.mask_probability,
+        mask_ratio=(config.loss.mask_ratio_min, config.loss.mask_ratio_max),
+        seed=config.seed,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+        num_workers=config.data.num_workers if num_workers is None else num_workers,
+    )
+
+
 class PretrainData:
     """Iterator of global batches; ``iterator`` is what checkpoints save and restore."""
 
@@ -121,18 +137,7 @@ class PretrainData:
                 f"The dataset has {len(self.source)} training images, fewer than one batch of {per_process}; "
                 "lower config.train.batch_size_per_device or add data."
             )
-        self.iterator = pipeline.make_iterator(
-            self.source,
-            crop_config(config),
-            batch_size=per_process,
-            patch_size=config.model.patch_size,
-            mask_probability=config.loss.mask_probability,
-            mask_ratio=(config.loss.mask_ratio_min, config.loss.mask_ratio_max),
-            seed=config.seed,
-            process_index=jax.process_index(),
-            process_count=jax.process_count(),
-            num_workers=config.data.num_workers,
-        )
+        self.iterator = pretrain_iterator(config, self.source, per_process)
         split, whole = sharding.batch_sharding(mesh), sharding.replicated(mesh)
         self.shardings = {
             key: split if key in _SPLIT_KEYS else whole
