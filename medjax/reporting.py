@@ -139,6 +139,8 @@ def plot_training_overview(jsonl_path: str, png_path: str, title: str = "") -> N
             if pts:
                 xs, ys = zip(*pts)
                 ax.plot(xs, ys, label=k, linewidth=1.4)
+        if name == "gradient norm":
+            ax.set_yscale("log")  # spans orders of magnitude early in training
         ax.set_title(name, fontsize=10)
         ax.set_xlabel("step", fontsize=8)
         ax.grid(alpha=0.3)
