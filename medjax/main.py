@@ -31,8 +31,14 @@ def _pretrain(config, workdir):
     return pretrain.run(config, workdir)
 
 
+def _linear_probe(config, workdir):
+    from medjax.train import probe
+
+    return probe.run(config, workdir)
+
+
 # Explicit registry: config.mode -> trainer.
-TRAINERS = {"pretrain": _pretrain}
+TRAINERS = {"pretrain": _pretrain, "linear_probe": _linear_probe}
 
 
 class UsageError(ValueError):

@@ -14,14 +14,9 @@ learned something, not the project's evaluation.
 
 from __future__ import annotations
 
-import json
-import os
-
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
 from absl import app, flags, logging
 from PIL import Image
 from sklearn.linear_model import LogisticRegression
@@ -29,38 +24,13 @@ from sklearn.metrics import accuracy_score, balanced_accuracy_score
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from medjax.train.pretrain_config import apply_variant, recipe
 from medjax.train.pretrain_data import DEMO_COLUMNS, demo_manifest, slice_source
+from medjax.train.probe import load_run
 from medjax.train.ssl_model import build_models, init_params
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Workdir of a demo pretraining run.", required=True)
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step to probe (default: the latest).")
 _BATCH = 64
-
-
-def load_run(workdir: str, step: int | None):
-    """(config, teacher backbone params, step) of the run's checkpoint at ``step`` (latest if None)."""
-    root = os.path.join(os.path.abspath(workdir), "checkpoints")
-    steps = sorted(int(s) for s in os.listdir(root) if s.isdigit()) if os.path.isdir(root) else []
-    if not steps:
-        raise SystemExit(f"demo_probe: no checkpoints in {root}.")
-    step = steps[-1] if step is None else step
-    with open(os.path.join(root, str(step), "meta", "metadata")) as f:
-        saved = json.load(f)["config"]
-    # The demo config, overwritten with every value the run saved (keys added since keep their defaults).
-    config = apply_variant(recipe(registers=saved["model"]["num_register_tokens"]), "demo", "demo_probe")
-    _overlay(config, saved)
-    state = ocp.StandardCheckpointer().restore(os.path.join(root, str(step), "state"))
-    return config, state["teacher"]["backbone"], step
-
-
-def _overlay(config: ml_collections.ConfigDict, saved: dict) -> None:
-    for key, value in saved.items():
-        if isinstance(config.get(key), ml_collections.ConfigDict):
-            _overlay(config[key], value)
-        elif key in config:
-            with config.ignore_type():
-                config[key] = tuple(value) if isinstance(value, list) else value
 
 
 def images(config, workdir: str, split: str) -> tuple[np.ndarray, np.ndarray]:

@@ -1,0 +1,60 @@
+"""DINOv2 linear evaluation of a pretraining run (52 heads on frozen teacher features); variants: demo, smoke.
+
+    python -m medjax.main --config=configs/linear_probe.py:demo --workdir=runs/demo_probe \
+        --config.probe.checkpoint_dir=runs/demo
+
+The backbone (model and crop settings) comes from the run's checkpoint; this file sets the
+probe and the data it is evaluated on.
+"""
+
+import ml_collections
+
+from medjax.train.pretrain_config import recipe
+
+VARIANTS = ("", "demo", "smoke")
+
+
+def get_config(variant: str = ""):
+    variant = variant or ""
+    if variant not in VARIANTS:
+        raise ValueError(f"Unknown variant {variant!r} of configs/linear_probe.py; choose demo or smoke (or none).")
+    c = ml_collections.ConfigDict()
+    c.mode = "linear_probe"
+    c.seed = 0
+
+    c.probe = ml_collections.ConfigDict()
+    c.probe.checkpoint_dir = ""  # required: the --workdir of a pretraining run (holds checkpoints/)
+    c.probe.step = -1  # checkpoint step to probe; -1 = the latest
+    c.probe.manifest = ""  # CSV manifest with a label column; empty = the demo dataset, slice-level lesion class
+    c.probe.label_column = ""  # required with a manifest; with the demo, empty = lesion shown on the slice
+    # The reference: batch 128, 10 "epochs" of 1250 iterations, val every 1250 iterations.
+    c.probe.batch_size = 128
+    c.probe.epochs = 10
+    c.probe.epoch_length = 1250  # iterations per epoch; 0 = one pass over the training slices
+    c.probe.eval_every = 1250  # iterations between val evaluations; 0 = once per epoch
+    c.probe.selection = "accuracy"  # accuracy | balanced_accuracy: how the best head is picked on val
+    c.probe.random_baseline = True  # also probe a randomly initialised backbone
+    c.probe.feature_batch = 64  # images per backbone call while precomputing features
+
+    # The evaluation data; same keys and meaning as the pretraining config's data section.
+    c.data = recipe(registers=4).data
+    if variant == "demo":
+        # A few thousand demo slices: passes over the training set rather than 1250-step epochs.
+        c.probe.epochs = 30
+        c.probe.epoch_length = 0
+        c.probe.eval_every = 0
+        c.data.demo_patients = 40
+        c.data.demo_image_size = 128
+        c.data.volumes_in_memory = 128
+        c.data.num_workers = 0
+    elif variant == "smoke":
+        c.probe.batch_size = 16
+        c.probe.epochs = 3
+        c.probe.epoch_length = 4
+        c.probe.eval_every = 4
+        c.probe.feature_batch = 32
+        c.data.demo_patients = 12
+        c.data.demo_slices = 8
+        c.data.demo_image_size = 48
+        c.data.num_workers = 0
+    return c

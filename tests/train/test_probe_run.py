@@ -1,0 +1,93 @@
+"""End-to-end linear probe through the real command line, on a small pretraining run.
+
+One smoke pretraining run (4 blocks, so the probe's last-4-blocks layouts exist; 12 demo
+patients, so val and test have patients) and one probe of its latest checkpoint are made
+once per session. The probe reads the earlier of the run's two checkpoints, so the same run
+also shows the "not the latest checkpoint" warning; the error tests stop before any training.
+"""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from medjax import metrics
+from medjax.checkpoint import content_hash
+from medjax.train.linear_heads import head_names
+from medjax.train.probe import load_run
+from tests.train.test_pretrain_run import medjax
+
+PROBE = "--config=configs/linear_probe.py:smoke"
+DATA = ("--config.data.demo_patients=12", "--config.data.demo_slices=8")
+
+
+@pytest.fixture(scope="session")
+def pretrain_dir(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("probe_pretrain")
+    medjax(workdir, *DATA, "--config.model.depth=4", "--config.optim.epochs=1", "--config.train.checkpoint_every=1")
+    assert sorted(os.listdir(workdir / "checkpoints")) == ["1", "2"]
+    return workdir
+
+
+@pytest.fixture(scope="session")
+def probe_run(pretrain_dir, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("probe")
+    proc = medjax(workdir, *DATA, f"--config.probe.checkpoint_dir={pretrain_dir}", "--config.probe.step=1",
+                  config=PROBE)
+    return workdir, proc
+
+
+def test_probe_writes_results_tables_and_plots(probe_run):
+    workdir, proc = probe_run
+    for name in ("results.json", "results.md", "probe_lr_curves.png", "confusion_pretrained.png",
+                 "confusion_random_init.png"):
+        assert (workdir / name).stat().st_size > 0, name
+    results = json.loads((workdir / "results.json").read_text())
+    assert set(results["backbones"]) == {"random_init", "pretrained"}
+    record = results["backbones"]["pretrained"]["checkpoint"]
+    assert record["step"] == 1 and record["latest"] is False and record["latest_step"] == 2
+    assert len(record["content_hash"]) == 16
+    assert results["backbones"]["random_init"]["checkpoint"]["content_hash"] != record["content_hash"]
+    table = (workdir / "results.md").read_text()
+    assert "| random_init |" in table and "| pretrained |" in table
+    assert "| pretrained |" in proc.stdout  # the table is printed too
+    assert "WARNING" in proc.stdout and "NOT the latest checkpoint" in proc.stdout
+    assert "(not latest)" in table
+
+
+def test_best_head_and_test_metrics_recompute(probe_run):
+    workdir, _ = probe_run
+    results = json.loads((workdir / "results.json").read_text())
+    names = head_names()
+    for r in results["backbones"].values():
+        assert r["best_head"] in names
+        assert list(r["val_accuracy_per_head"]) == names
+        best_val = max(r["val_accuracy_per_head"].values())
+        assert r["val_accuracy_per_head"][r["best_head"]] == best_val
+        assert r["val"]["accuracy"] == pytest.approx(best_val)
+        saved = r["test_predictions"]
+        again = metrics.classification_report(np.array(saved["labels"]), np.array(saved["predictions"]),
+                                              np.array(saved["probabilities"]), results["class_names"])
+        assert json.loads(json.dumps(again)) == r["test"]
+
+
+def test_load_run_defaults_to_the_latest_step(pretrain_dir, probe_run):
+    config, params, step = load_run(str(pretrain_dir), -1)
+    assert step == 2 and config.model.depth == 4
+    assert content_hash(params) != json.loads((probe_run[0] / "results.json").read_text())[
+        "backbones"]["pretrained"]["checkpoint"]["content_hash"]  # step 2's weights, not step 1's
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    (("--config.probe.label_column=grade",), "config.probe.label_column='grade' is not a column"),
+    ((), "config.probe.checkpoint_dir is empty"),
+])
+def test_user_errors_are_one_sentence(pretrain_dir, tmp_path, overrides, expected):
+    if overrides:
+        overrides = (f"--config.probe.checkpoint_dir={pretrain_dir}", *overrides)
+    proc = medjax(tmp_path, *DATA, *overrides, config=PROBE, check=False)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert lines[-1].startswith("medjax: error: ") and expected in lines[-1], proc.stderr
