@@ -9,7 +9,7 @@ probe and the data it is evaluated on.
 
 import ml_collections
 
-from medjax.train.pretrain_config import recipe
+from medjax.train.pretrain_config import recipe, use_demo_data_of_demo_variant
 
 VARIANTS = ("", "demo", "smoke")
 
@@ -43,10 +43,7 @@ def get_config(variant: str = ""):
         c.probe.epochs = 30
         c.probe.epoch_length = 0
         c.probe.eval_every = 0
-        c.data.demo_patients = 40
-        c.data.demo_image_size = 128
-        c.data.volumes_in_memory = 128
-        c.data.num_workers = 0
+        use_demo_data_of_demo_variant(c.data)
     elif variant == "smoke":
         c.probe.batch_size = 16
         c.probe.epochs = 3

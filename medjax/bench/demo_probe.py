@@ -18,14 +18,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
-from PIL import Image
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import accuracy_score, balanced_accuracy_score
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from medjax.train.pretrain_data import DEMO_COLUMNS, demo_manifest, slice_source
-from medjax.train.probe import load_run
+from medjax.train.pretrain_data import DEMO_COLUMNS, demo_manifest
+from medjax.train.probe import load_run, split_images
 from medjax.train.ssl_model import build_models, init_params
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Workdir of a demo pretraining run.", required=True)
@@ -34,20 +33,10 @@ _BATCH = 64
 
 
 def images(config, workdir: str, split: str) -> tuple[np.ndarray, np.ndarray]:
-    """(N, S, S, 1) normalised slices at the global crop size S and their slice-level lesion labels.
-
-    A slice's label is its patient's lesion class when the lesion mask shows on it, else 0 (none).
-    """
+    """The demo's slices of ``split`` at the global crop size and their slice-level lesion labels."""
     manifest = demo_manifest(config, workdir)
-    records = slice_source(config, manifest, split, label_columns=("lesion",), extra_columns=DEMO_COLUMNS)
-    size = config.crops.global_size
-    mean, std = np.float32(config.crops.mean[0]), np.float32(config.crops.std[0])
-    xs, ys = [], []
-    for r in records:
-        x = np.asarray(Image.fromarray(r["image"], mode="F").resize((size, size), Image.BICUBIC))
-        xs.append((np.clip(x, 0.0, 1.0) - mean) / std)
-        ys.append(r["label"] if r["mask"].any() else 0)
-    return np.stack(xs)[..., None].astype(np.float32), np.asarray(ys)
+    extra = tuple(c for c in DEMO_COLUMNS if c != "lesion")
+    return split_images(config, manifest, split, "lesion", demo_rule=True, extra_columns=extra)
 
 
 def features(backbone, params, x: np.ndarray) -> np.ndarray:

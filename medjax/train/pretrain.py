@@ -102,7 +102,7 @@ def make_train_step(models, config, schedules, rules: optim.ParamRules, adam):
     return train_step
 
 
-def _mean_metrics(pending: list[tuple[int, dict]]) -> tuple[int, dict]:
+def _mean_metrics(pending: list[tuple[int, dict]]) -> dict:
     """Host copy of the window's metrics: losses averaged, the last step checked for finiteness."""
     host = [(step, jax.device_get(m)) for step, m in pending]
     for step, m in host:
@@ -114,12 +114,11 @@ def _mean_metrics(pending: list[tuple[int, dict]]) -> tuple[int, dict]:
                 + "; the run stopped and the last checkpoint was kept. Lower config.optim.base_lr, "
                 "raise config.optim.warmup_epochs or use float32 (config.model.dtype)."
             )
-    last_step, last = host[-1]
-    out = {k: float(v) for k, v in last.items() if k != "finite"}
+    out = {k: float(v) for k, v in host[-1][1].items() if k != "finite"}
     for k in out:
         if k.endswith("loss") or k.endswith("entropy") or k == "grad_norm":
             out[k] = float(np.mean([m[k] for _, m in host]))
-    return last_step, out
+    return out
 
 
 def run(config, workdir: str) -> dict:
@@ -177,7 +176,7 @@ def run(config, workdir: str) -> dict:
             done = step + 1
             is_ckpt = done % config.train.checkpoint_every == 0 or done == stop_step
             if done % config.train.log_every == 0 or is_ckpt or done == start + 1:
-                logged_step, last = _mean_metrics(pending)
+                last = _mean_metrics(pending)
                 pending = []
                 last = reporter.write(done, last)
                 reporter.progress(done, last)
@@ -199,8 +198,6 @@ def run(config, workdir: str) -> dict:
         "total_steps": total_steps,
         "minutes": minutes,
         "final_metrics": last,
-        "state": state,
-        "models": models,
     }
     if is_main and stop_step > start:
         _print_summary(summary, config)

@@ -159,10 +159,7 @@ def apply_variant(c: ml_collections.ConfigDict, variant: str, config_file: str) 
         _scale_down(c, embed=192, depth=6, heads=3, global_size=112, local_size=56, n_local=6,
                     prototypes=4096, hidden=512, bottleneck=128, batch=32, epochs=10, epoch_length=12)
         c.optim.base_lr = 0.004 * 4  # short run: a larger step, still scaled by batch
-        c.data.demo_patients = 40
-        c.data.demo_image_size = 128
-        c.data.volumes_in_memory = 128  # all 120 demo series (1 MB each): no re-decoding
-        c.data.num_workers = 0
+        use_demo_data_of_demo_variant(c.data)
         c.train.log_every = 10
         c.train.checkpoint_every = 60
         c.train.plot_every = 60
@@ -183,6 +180,14 @@ def apply_variant(c: ml_collections.ConfigDict, variant: str, config_file: str) 
         c.data.demo_image_size = 128
         c.data.num_workers = 0
     return c
+
+
+def use_demo_data_of_demo_variant(data: ml_collections.ConfigDict) -> None:
+    """The ``:demo`` data settings; evaluations of a demo run use them to read the same files."""
+    data.demo_patients = 40
+    data.demo_image_size = 128
+    data.volumes_in_memory = 128  # all 120 demo series (1 MB each): no re-decoding
+    data.num_workers = 0
 
 
 def _scale_down(c, *, embed, depth, heads, global_size, local_size, n_local, prototypes, hidden,

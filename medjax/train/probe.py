@@ -104,14 +104,14 @@ def check_backbone_shapes(models, params, config, where: str) -> None:
 # ---------------------------------------------------------------- data
 
 
-def _split_images(config, manifest: str, split: str, label_column: str, demo_rule: bool):
+def split_images(config, manifest: str, split: str, label_column: str, *, demo_rule: bool,
+                 extra_columns=()):
     """(N, S, S, 1) eval-transformed slices of one split and their labels (unlabelled slices dropped).
 
     With the demo rule a slice's label is its patient's lesion class when the lesion mask shows
     on that slice, else 0 (none): a slice-level task, so the answer is in the pixels.
     """
-    extra = tuple(c for c in DEMO_COLUMNS if c != label_column) if demo_rule or not config.probe.manifest else ()
-    records = slice_source(config, manifest, split, label_columns=(label_column,), extra_columns=extra)
+    records = slice_source(config, manifest, split, label_columns=(label_column,), extra_columns=extra_columns)
     size = config.crops.global_size
     mean, std = np.float32(config.crops.mean[0]), np.float32(config.crops.std[0])
     xs, ys = [], []
@@ -159,7 +159,9 @@ def load_splits(config, workdir: str, run_dir: str):
         check_labels(loaded, column)
     except ManifestError as e:
         raise ValueError(str(e).splitlines()[0]) from None
-    splits = {s: _split_images(config, manifest, s, column, demo_rule) for s in ("train", "val", "test")}
+    extra = tuple(c for c in DEMO_COLUMNS if c != column) if demo else ()
+    splits = {s: split_images(config, manifest, s, column, demo_rule=demo_rule, extra_columns=extra)
+              for s in ("train", "val", "test")}
     if demo_rule:
         names = list(LESION_CLASSES)
         task = "demo lesion class per slice (none unless the lesion shows on the slice)"
