@@ -29,14 +29,16 @@ from medjax.train.ssl_model import build_models, init_params
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Workdir of a demo pretraining run.", required=True)
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step to probe (default: the latest).")
+_LABEL = flags.DEFINE_enum("label", "lesion", ["lesion", "contrast"],
+                           "Task: slice-level lesion class, or the series contrast (T1/T2/FLAIR).")
 _BATCH = 64
 
 
-def images(config, workdir: str, split: str) -> tuple[np.ndarray, np.ndarray]:
-    """The demo's slices of ``split`` at the global crop size and their slice-level lesion labels."""
+def images(config, workdir: str, split: str, label: str) -> tuple[np.ndarray, np.ndarray]:
+    """The demo's slices of ``split`` at the global crop size and their labels (lesion: slice-level)."""
     manifest = demo_manifest(config, workdir)
-    extra = tuple(c for c in DEMO_COLUMNS if c != "lesion")
-    return split_images(config, manifest, split, "lesion", demo_rule=True, extra_columns=extra)
+    extra = tuple(c for c in DEMO_COLUMNS if c != label)
+    return split_images(config, manifest, split, label, demo_rule=label == "lesion", extra_columns=extra)
 
 
 def features(backbone, params, x: np.ndarray) -> np.ndarray:
@@ -64,7 +66,7 @@ def main(argv):
     config, pretrained, step = load_run(_WORKDIR.value, _STEP.value)
     models = build_models(config)
     random = init_params(models, jax.random.PRNGKey(config.seed), config)["backbone"]
-    train, test = images(config, _WORKDIR.value, "train"), images(config, _WORKDIR.value, "test")
+    train, test = (images(config, _WORKDIR.value, s, _LABEL.value) for s in ("train", "test"))
     print(f"demo_probe: {_WORKDIR.value} step {step}; {len(train[1])} train / {len(test[1])} test slices")
     results = {}
     for name, params in (("pretrained", pretrained), ("random", random)):
