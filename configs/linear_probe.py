@@ -32,7 +32,13 @@ def get_config(variant: str = ""):
     c.probe.epochs = 10
     c.probe.epoch_length = 1250  # iterations per epoch; 0 = one pass over the training slices
     c.probe.eval_every = 1250  # iterations between val evaluations; 0 = once per epoch
-    c.probe.selection = "accuracy"  # accuracy | balanced_accuracy: how the best head is picked on val
+    # label_column: several comma-separated 0/1 columns = a multi-label task
+    c.probe.selection = "accuracy"  # accuracy | balanced_accuracy (multi-class) | mean_auc (multi-label)
+    c.probe.features = "precomputed"  # precomputed (fast) | augmented (random resized crop + flip per step)
+    # Few labels: also train on these fractions of the training patients (whole patients, stratified),
+    # once per seed; () = only the full training set.
+    c.probe.label_fractions = (0.01, 0.1, 0.25, 0.5, 1.0)
+    c.probe.fraction_seeds = 3
     c.probe.random_baseline = True  # also probe a randomly initialised backbone
     c.probe.feature_batch = 64  # images per backbone call while precomputing features
 
@@ -50,6 +56,8 @@ def get_config(variant: str = ""):
         c.probe.epoch_length = 4
         c.probe.eval_every = 4
         c.probe.feature_batch = 32
+        c.probe.label_fractions = (0.5, 1.0)
+        c.probe.fraction_seeds = 2
         c.data.demo_patients = 12
         c.data.demo_slices = 8
         c.data.demo_image_size = 48

@@ -6,20 +6,22 @@
 The backbone is frozen, so its features are computed once per backbone (eval
 transform: the whole slice resized to the global crop size and normalised as in
 pretraining) and the 52 heads of ``linear_heads`` are trained on those arrays;
-no image passes through the ViT again during training. The reference trains on
-random-resized crops instead; with a frozen backbone that costs a full forward
-pass per step, which on the scan sizes this project targets would dominate the
-probe, and precomputed features make every head see exactly the same inputs.
+no image passes through the ViT again during training. ``probe.features =
+"augmented"`` trains as the reference does instead, on random-resized crops and
+flips of the training slices pushed through the frozen backbone at every step
+(a forward pass per step: slower, and closer to the published protocol).
 
 Every head is evaluated on val at fixed intervals and at the end; the head with
 the best final val score is the one reported on test, as in the reference. The
 same protocol runs on a randomly initialised backbone so that a reader can see
-how much of the score pretraining earned.
+how much of the score pretraining earned. With ``probe.label_fractions`` the
+protocol is repeated on 1 %, 10 %, ... of the training patients (whole
+patients, stratified by class, one draw per seed) and the test score of each
+draw's best-on-val head is reported as mean and spread.
 """
 
 from __future__ import annotations
 
-import csv
 import functools
 import json
 import math
@@ -27,169 +29,25 @@ import os
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
 from PIL import Image
 
 from medjax import metrics
-from medjax.checkpoint import content_hash, tree_fingerprint
-from medjax.data.demo import LESION_CLASSES
-from medjax.data.manifest import ManifestError, check_labels, load_manifest
+from medjax.checkpoint import content_hash
+from medjax.data.augment import crop_box
+from medjax.data.fractions import subset_indices, summarise, validate_fractions
 from medjax.train import linear_heads as lh
-from medjax.train.pretrain_config import apply_variant, recipe
-from medjax.train.pretrain_data import DEMO_COLUMNS, demo_manifest, slice_source
+from medjax.train import probe_report
+from medjax.train.probe_data import (  # noqa: F401  (re-exported: the probe's public loading API)
+    Split, check_backbone_shapes, checkpoint_steps, load_run, load_splits, split_examples, split_images)
 from medjax.train.ssl_model import build_models, init_params
 
-SELECTIONS = ("accuracy", "balanced_accuracy")
+SELECTIONS = {False: ("accuracy", "balanced_accuracy"), True: ("mean_auc",)}  # by multilabel
+FEATURE_MODES = ("precomputed", "augmented")
 _EVAL_CHUNK = 1024  # rows per evaluate() call: bounds the (52, rows, C) logits in memory
 
 
-# ---------------------------------------------------------------- loading a pretraining run
-
-
-def checkpoint_steps(run_dir: str) -> list[int]:
-    """Sorted steps saved under ``run_dir/checkpoints``; raises one sentence when there are none."""
-    root = os.path.join(os.path.abspath(run_dir), "checkpoints")
-    steps = sorted(int(s) for s in os.listdir(root) if s.isdigit()) if os.path.isdir(root) else []
-    if not steps:
-        raise FileNotFoundError(f"No checkpoints in {root}; point config.probe.checkpoint_dir at the --workdir "
-                                "of a pretraining run.")
-    return steps
-
-
-def load_run(run_dir: str, step: int | None = None):
-    """(config, teacher backbone params, step) of a pretraining run's checkpoint (latest if None or -1).
-
-    The config is the run's own, read from the checkpoint's ``meta`` item and laid over the
-    recipe's defaults, so keys added to the recipe since that run keep their default values.
-    """
-    steps = checkpoint_steps(run_dir)
-    step = steps[-1] if step is None or step < 0 else int(step)
-    if step not in steps:
-        raise ValueError(f"The run {run_dir} has no checkpoint at step {step}; it has steps "
-                         f"{', '.join(map(str, steps))}.")
-    path = os.path.join(os.path.abspath(run_dir), "checkpoints", str(step))
-    with open(os.path.join(path, "meta", "metadata")) as f:
-        saved = json.load(f)["config"]
-    config = apply_variant(recipe(registers=saved["model"]["num_register_tokens"]), "demo", "load_run")
-    _overlay(config, saved)
-    with ocp.StandardCheckpointer() as ckptr:
-        state = ckptr.restore(os.path.join(path, "state"))
-    return config, state["teacher"]["backbone"], step
-
-
-def _overlay(config: ml_collections.ConfigDict, saved: dict) -> None:
-    for key, value in saved.items():
-        if isinstance(config.get(key), ml_collections.ConfigDict):
-            _overlay(config[key], value)
-        elif key in config:
-            with config.ignore_type():
-                config[key] = tuple(value) if isinstance(value, list) else value
-
-
-def check_backbone_shapes(models, params, config, where: str) -> None:
-    """A checkpoint whose backbone does not fit the model its own saved config builds: one sentence."""
-    expected = jax.eval_shape(lambda: init_params(models, jax.random.PRNGKey(0), config)["backbone"])
-    want = {k: v[0] for k, v in tree_fingerprint(expected).items()}
-    have = {k: v[0] for k, v in tree_fingerprint(params).items()}
-    if want != have:
-        differ = sorted(k for k in set(want) | set(have) if want.get(k) != have.get(k))
-        k = differ[0]
-        raise ValueError(f"The teacher backbone in {where} does not match the model its saved config builds "
-                         f"({len(differ)} parameters differ, e.g. {k}: checkpoint {have.get(k)} vs model "
-                         f"{want.get(k)}); the checkpoint and its config are from different models.")
-
-
-# ---------------------------------------------------------------- data
-
-
-def split_images(config, manifest: str, split: str, label_column: str, *, demo_rule: bool,
-                 extra_columns=()):
-    """(N, S, S, 1) eval-transformed slices of one split and their labels (unlabelled slices dropped).
-
-    With the demo rule a slice's label is its patient's lesion class when the lesion mask shows
-    on that slice, else 0 (none): a slice-level task, so the answer is in the pixels.
-    """
-    records = slice_source(config, manifest, split, label_columns=(label_column,), extra_columns=extra_columns)
-    size = config.crops.global_size
-    mean, std = np.float32(config.crops.mean[0]), np.float32(config.crops.std[0])
-    xs, ys = [], []
-    for r in records:
-        label = (r["label"] if r["mask"].any() else 0) if demo_rule else r["label"]
-        if label < 0:
-            continue
-        x = np.asarray(Image.fromarray(r["image"], mode="F").resize((size, size), Image.BICUBIC))
-        xs.append((np.clip(x, 0.0, 1.0) - mean) / std)
-        ys.append(int(label))
-    if not xs:
-        raise ValueError(f"The {split} split of {manifest} has no labelled slices; the probe needs labelled "
-                         f"train, val and test slices.")
-    return np.stack(xs)[..., None].astype(np.float32), np.asarray(ys, np.int64)
-
-
-def load_splits(config, workdir: str, run_dir: str):
-    """{split: (images, labels)}, the class names and a one-line description of the task."""
-    p = config.probe
-    demo = not p.manifest
-    if demo:
-        # Reuse the pretraining run's demo files when they are the same dataset; never rewrite that run's folder.
-        run_data = os.path.join(os.path.abspath(run_dir), "demo_data")
-        if not config.data.demo_dir and _same_demo(config, run_data):
-            config.data.demo_dir = run_data
-        manifest = demo_manifest(config, workdir, say=print)
-    else:
-        manifest = p.manifest
-        if not os.path.exists(manifest):
-            raise FileNotFoundError(f"config.probe.manifest={manifest!r} does not exist; give the path of a CSV "
-                                    "manifest with a label column.")
-    column = p.label_column or ("lesion" if demo else "")
-    if not column:
-        raise ValueError("config.probe.label_column is empty; name the manifest column that holds the labels.")
-    with open(manifest, newline="") as f:
-        header = next(csv.reader(f), [])
-    if column not in header:
-        raise ValueError(f"config.probe.label_column={column!r} is not a column of {manifest} (it has "
-                         f"{', '.join(header)}); name one of its label columns.")
-    demo_rule = demo and not p.label_column
-    ignore = tuple(c for c in DEMO_COLUMNS if c != column and c in header)
-    try:
-        loaded = load_manifest(manifest, label_columns=(column,), ignore_columns=ignore
-                               + tuple(c for c in config.data.extra_columns.split(",") if c and c != column))
-        check_labels(loaded, column)
-    except ManifestError as e:
-        raise ValueError(str(e).splitlines()[0]) from None
-    extra = tuple(c for c in DEMO_COLUMNS if c != column) if demo else ()
-    splits = {s: split_images(config, manifest, s, column, demo_rule=demo_rule, extra_columns=extra)
-              for s in ("train", "val", "test")}
-    if demo_rule:
-        names = list(LESION_CLASSES)
-        task = "demo lesion class per slice (none unless the lesion shows on the slice)"
-    else:
-        values = loaded.label_values(column)
-        codes = loaded.classes[column]
-        names = [str(c) for c in range(max(codes.values()) + 1)]
-        for v in values:
-            names[codes[v]] = v
-        task = f"label column {column!r} of {manifest}"
-    seen = set(splits["train"][1].tolist())
-    for s in ("val", "test"):
-        orphans = sorted(set(splits[s][1].tolist()) - seen)
-        if orphans:
-            raise ValueError(f"Class(es) {', '.join(names[c] for c in orphans)} occur in {s} slices but in no "
-                             "train slice, so no head can learn them; add training patients of those classes.")
-    return splits, names, task
-
-
-def _same_demo(config, folder: str) -> bool:
-    stamp = os.path.join(folder, "demo.json")
-    d = config.data
-    want = {"patients": d.demo_patients, "image_size": d.demo_image_size, "slices": d.demo_slices,
-            "seed": config.seed}
-    return os.path.exists(stamp) and json.load(open(stamp)) == want
-
-
-# ---------------------------------------------------------------- features and training
+# ---------------------------------------------------------------- features
 
 
 @functools.lru_cache(maxsize=4)
@@ -221,6 +79,24 @@ def embed(backbone, params, images: np.ndarray, batch: int) -> dict:
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
 
+def augment(images: np.ndarray, rng: np.random.Generator, mean: float, std: float,
+            scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)) -> np.ndarray:
+    """The reference's training transform on eval-transformed slices: a random resized crop back to
+    the same size (bicubic) and a horizontal flip with probability 0.5."""
+    out = np.empty_like(images)
+    size = images.shape[1]
+    for i, x in enumerate(images):
+        plane = Image.fromarray(x[..., 0] * np.float32(std) + np.float32(mean), mode="F")
+        top, left, h, w = crop_box(size, size, scale, ratio, rng)
+        y = np.asarray(plane.resize((size, size), Image.BICUBIC, box=(left, top, left + w, top + h)))
+        y = (np.clip(y, 0.0, 1.0) - np.float32(mean)) / np.float32(std)
+        out[i, ..., 0] = y[:, ::-1] if rng.random() < 0.5 else y
+    return out
+
+
+# ---------------------------------------------------------------- training and scoring the 52 heads
+
+
 def all_logits(state, feats: dict) -> np.ndarray:
     """``(52, N, C)`` logits of every head."""
     n = len(feats["patch_mean"])
@@ -228,125 +104,178 @@ def all_logits(state, feats: dict) -> np.ndarray:
                            for i in range(0, n, _EVAL_CHUNK)], axis=1)
 
 
-def head_scores(logits: np.ndarray, labels: np.ndarray) -> tuple[list[float], list[float]]:
+def head_scores(logits: np.ndarray, labels: np.ndarray, multilabel: bool) -> dict[str, list[float]]:
+    """Every head's score under each selection metric of the task."""
+    if multilabel:
+        return {"mean_auc": [metrics.mean_label_auc(labels, h)[0] for h in logits]}
     preds = logits.argmax(-1)
-    return ([metrics.accuracy(labels, p) for p in preds], [metrics.balanced_accuracy(labels, p) for p in preds])
+    return {"accuracy": [metrics.accuracy(labels, p) for p in preds],
+            "balanced_accuracy": [metrics.balanced_accuracy(labels, p) for p in preds]}
 
 
-def train_heads(p, feats: dict, labels: np.ndarray, val_feats: dict, val_labels: np.ndarray,
-                num_classes: int, seed: int, say=print):
-    """Trains the 52 heads; returns the state and the val history ``[{step, accuracy, balanced_accuracy}]``.
+def best_head(scores: list[float]) -> int:
+    """Index of the best head; the first wins ties (the smaller lr, fewer blocks)."""
+    s = np.asarray(scores, np.float64)
+    if not np.isfinite(s).any():
+        raise ValueError("No head has a finite validation score (every label is constant on val?); the val "
+                         "split needs both positive and negative examples of some label.")
+    return int(np.nanargmax(s))
 
+
+def train_heads(p, train_batch, n: int, labels: np.ndarray, val_feats: dict, val_labels: np.ndarray,
+                num_classes: int, seed: int, multilabel: bool, say=print):
+    """Trains the 52 heads; returns the state, the val history ``[{step, <metric>: [52]}]`` and the schedule.
+
+    ``train_batch(index, rng) -> features`` gives the features of training rows ``index``
+    (gathered from precomputed arrays, or augmented images through the backbone).
     Batches are consecutive slices of per-epoch permutations from ``seed``, all of one size (one
     compile); a training set smaller than ``batch_size`` gives batches of the whole set, and the
     grid's lr scaling uses that real batch size.
     """
-    n = len(labels)
     batch = min(p.batch_size, n)
     steps_per_epoch = p.epoch_length or math.ceil(n / batch)
     total = p.epochs * steps_per_epoch
     eval_every = p.eval_every or steps_per_epoch
     rng = np.random.default_rng(seed)
-    state = lh.init_state(jax.random.PRNGKey(seed), feats["patch_mean"].shape[1], num_classes, batch)
+    dim = val_feats["patch_mean"].shape[1]
+    state = lh.init_state(jax.random.PRNGKey(seed), dim, num_classes, batch)
     order, pos, history = rng.permutation(n), 0, []
-    device_feats = {k: jnp.asarray(v) for k, v in feats.items()}
-    device_labels = jnp.asarray(labels, jnp.int32)
+    device_labels = jnp.asarray(labels, jnp.float32 if multilabel else jnp.int32)
     for step in range(total):
         if pos + batch > n:
             order, pos = rng.permutation(n), 0
-        idx = jnp.asarray(order[pos:pos + batch])
+        idx = order[pos:pos + batch]
         pos += batch
-        state, losses = lh.train_step(state, {k: v[idx] for k, v in device_feats.items()}, device_labels[idx],
-                                      lh.cosine_factor(step, total))
+        state, losses = lh.train_step(state, train_batch(idx, rng), device_labels[jnp.asarray(idx)],
+                                      lh.cosine_factor(step, total), multilabel=multilabel)
         if (step + 1) % eval_every == 0 or step + 1 == total:
-            acc, bal = head_scores(all_logits(state, val_feats), val_labels)
-            history.append({"step": step + 1, "accuracy": acc, "balanced_accuracy": bal})
-            say(f"  step {step + 1}/{total}: mean loss {float(jnp.mean(losses)):.4f}, best val accuracy "
-                f"{max(acc):.3f}, best val balanced accuracy {max(bal):.3f}")
+            scores = head_scores(all_logits(state, val_feats), val_labels, multilabel)
+            history.append({"step": step + 1, **scores})
+            say(f"  step {step + 1}/{total}: mean loss {float(jnp.mean(losses)):.4f}, "
+                + ", ".join(f"best val {k.replace('_', ' ')} {np.nanmax(v):.3f}" for k, v in scores.items()))
     return state, history, {"batch_size": batch, "steps": total, "steps_per_epoch": steps_per_epoch,
                             "eval_every": eval_every}
 
 
-def probe_backbone(name, models, params, splits, class_names, config, workdir, say=print) -> dict:
-    """The whole protocol for one backbone; returns its JSON-ready result."""
+def _precomputed(feats: dict):
+    device = {k: jnp.asarray(v) for k, v in feats.items()}
+    return lambda idx, rng: {k: v[jnp.asarray(idx)] for k, v in device.items()}
+
+
+def _augmented(backbone, params, images: np.ndarray, mean: float, std: float):
+    one = _feature_fn(backbone)
+    return lambda idx, rng: one(params, augment(images[idx], rng, mean, std))
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits.astype(np.float64) - logits.max(-1, keepdims=True)
+    return np.exp(z) / np.exp(z).sum(-1, keepdims=True)
+
+
+def test_report(logits: np.ndarray, labels: np.ndarray, class_names, multilabel: bool) -> dict:
+    """The test metrics of one head: the classification report, or per-label AUCs for multi-label."""
+    if multilabel:
+        probs = 1.0 / (1.0 + np.exp(-logits.astype(np.float64)))
+        mean, per_label, excluded = metrics.mean_label_auc(labels, probs)
+        return {"num_samples": int(len(labels)), "mean_auc": mean,
+                "per_label": [{"name": n, "positives": int(labels[:, i].sum()), "auc": float(per_label[i])}
+                              for i, n in enumerate(class_names)],
+                "auc_excluded_labels": [class_names[i] for i in excluded]}, probs
+    probs = softmax(logits)
+    return metrics.classification_report(labels, logits.argmax(-1), probs, class_names), probs
+
+
+def probe_features_of(name, models, params, splits: dict, config, say=print) -> dict:
+    """``{split: features}`` of one backbone (the val and test features of every mode)."""
+    say(f"{name}: computing features of {sum(len(s.labels) for s in splits.values())} slices ...")
+    return {s: embed(models.backbone, params, split.images, config.probe.feature_batch)
+            for s, split in splits.items()}
+
+
+def fit_and_select(models, params, feats: dict, splits: dict, num_classes: int, multilabel: bool, config,
+                   seed: int, train_index=None, say=print) -> dict:
+    """Trains the heads on (a subset of) train, picks the best on val; returns state, index, history."""
     p = config.probe
-    say(f"{name}: computing features of {sum(len(v[1]) for v in splits.values())} slices ...")
-    feats = {s: embed(models.backbone, params, x, p.feature_batch) for s, (x, _) in splits.items()}
-    labels = {s: y for s, (_, y) in splits.items()}
-    state, history, schedule = train_heads(p, feats["train"], labels["train"], feats["val"], labels["val"],
-                                           len(class_names), config.seed, say)
-    names = lh.head_names()
-    final = history[-1]
-    best = int(np.argmax(final[p.selection]))  # first index wins ties: the smaller lr, fewer blocks
+    train = splits["train"] if train_index is None else splits["train"].subset(train_index)
+    if p.features == "augmented":
+        batches = _augmented(models.backbone, params, train.images, config.crops.mean[0], config.crops.std[0])
+    else:
+        train_feats = feats["train"] if train_index is None else {k: v[train_index] for k, v in feats["train"].items()}
+        batches = _precomputed(train_feats)
+    state, history, schedule = train_heads(p, batches, len(train.labels), train.labels, feats["val"],
+                                           splits["val"].labels, num_classes, seed, multilabel, say)
+    return {"state": state, "best": best_head(history[-1][p.selection]), "history": history,
+            "schedule": schedule, "train_slices": int(len(train.labels)),
+            "train_patients": int(len(set(train.patients.tolist())))}
+
+
+def probe_backbone(name, models, params, splits, class_names, multilabel, config, workdir, say=print) -> dict:
+    """The whole protocol for one backbone (and its few-label repeats); returns its JSON-ready result."""
+    p = config.probe
+    feats = probe_features_of(name, models, params, splits, config, say)
+    fit = fit_and_select(models, params, feats, splits, len(class_names), multilabel, config, config.seed, say=say)
+    names, best, final = lh.head_names(), fit["best"], fit["history"][-1]
     n_blocks, avgpool = lh.LAYOUTS[best // len(lh.LR_GRID)]
     lr = lh.LR_GRID[best % len(lh.LR_GRID)]
-    val_pred = all_logits(state, feats["val"])[best].argmax(-1)
-    test_logits = all_logits(state, feats["test"])[best]
-    z = test_logits.astype(np.float64) - test_logits.max(-1, keepdims=True)
-    test_probs = np.exp(z) / np.exp(z).sum(-1, keepdims=True)
-    test_pred = test_logits.argmax(-1)
-    test_report = metrics.classification_report(labels["test"], test_pred, test_probs, class_names)
-    metrics.save_confusion_matrix_png(test_report["confusion_matrix"], class_names,
-                                      os.path.join(workdir, f"confusion_{name}.png"),
-                                      title=f"{name}: {names[best]} on test ({len(test_pred)} slices)")
-    return {
+    val_report, _ = test_report(all_logits(fit["state"], feats["val"])[best], splits["val"].labels, class_names,
+                                multilabel)
+    report, probs = test_report(all_logits(fit["state"], feats["test"])[best], splits["test"].labels,
+                                class_names, multilabel)
+    if not multilabel:
+        metrics.save_confusion_matrix_png(report["confusion_matrix"], class_names,
+                                          os.path.join(workdir, f"confusion_{name}.png"),
+                                          title=f"{name}: {names[best]} on test ({len(probs)} slices)")
+    result = {
         "best_head": names[best],
         "best_head_config": {"n_blocks": n_blocks, "avgpool": avgpool, "lr": lr,
-                             "lr_scaled": lr * schedule["batch_size"] / 256.0},
+                             "lr_scaled": lr * fit["schedule"]["batch_size"] / 256.0},
         "selection": p.selection,
-        "schedule": schedule,
-        "num_slices": {s: int(len(y)) for s, y in labels.items()},
-        "val": metrics.classification_report(labels["val"], val_pred, class_names=class_names),
-        "test": test_report,
-        "val_accuracy_per_head": dict(zip(names, final["accuracy"])),
-        "val_balanced_accuracy_per_head": dict(zip(names, final["balanced_accuracy"])),
-        "val_history": [{"step": h["step"], "best_accuracy": max(h["accuracy"]),
-                         "best_balanced_accuracy": max(h["balanced_accuracy"])} for h in history],
-        "test_predictions": {"labels": labels["test"].tolist(), "predictions": test_pred.tolist(),
-                             "probabilities": test_probs.tolist()},
+        "features": p.features,
+        "schedule": fit["schedule"],
+        "num_slices": {s: int(len(split.labels)) for s, split in splits.items()},
+        "val": val_report,
+        "test": report,
+        "val_per_head": {k: dict(zip(names, v)) for k, v in final.items() if k != "step"},
+        "val_history": [{"step": h["step"], **{f"best_{k}": float(np.nanmax(v)) for k, v in h.items()
+                                               if k != "step"}} for h in fit["history"]],
+        "test_predictions": {"labels": splits["test"].labels.tolist(),
+                             "predictions": (probs > 0.5).astype(int).tolist() if multilabel
+                             else probs.argmax(-1).tolist(),
+                             "probabilities": probs.tolist()},
     }
+    if p.label_fractions:
+        result["few_labels"] = few_label_curve(name, models, params, feats, splits, class_names, multilabel,
+                                               config, fit, say)
+    return result
 
 
-# ---------------------------------------------------------------- outputs
-
-
-def markdown_table(results: dict) -> str:
-    rows = ["| backbone | checkpoint | best head | blocks | avgpool | lr | val acc | val bal. acc | test acc "
-            "| test bal. acc | test macro F1 |", "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for name, r in results["backbones"].items():
-        c, v, t = r["best_head_config"], r["val"], r["test"]
-        ck = r["checkpoint"]
-        where = f"step {ck['step']}" + ("" if ck.get("latest", True) else " (not latest)") \
-            if ck.get("step") is not None else f"seed {ck['seed']}"
-        rows.append(f"| {name} | {where} | {r['best_head']} | {c['n_blocks']} | {c['avgpool']} | {c['lr']:g} "
-                    f"| {v['accuracy']:.3f} | {v['balanced_accuracy']:.3f} | {t['accuracy']:.3f} "
-                    f"| {t['balanced_accuracy']:.3f} | {t['macro_f1']:.3f} |")
-    return "\n".join(rows) + "\n"
-
-
-def plot_lr_curves(results: dict, path: str) -> None:
-    """Final val accuracy against the learning rate, one line per layout, one panel per backbone."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    backbones = results["backbones"]
-    fig = Figure(figsize=(5.5 * len(backbones), 4.2))
-    FigureCanvasAgg(fig)
-    axes = fig.subplots(1, len(backbones), squeeze=False)[0]
-    for ax, (name, r) in zip(axes, backbones.items()):
-        for n, a in lh.LAYOUTS:
-            key = lh.layout_key(n, a)
-            ax.plot(lh.LR_GRID, [r["val_accuracy_per_head"][f"{key}_lr{lr:g}"] for lr in lh.LR_GRID],
-                    marker="o", label=f"last {n} CLS" + (" + mean patch" if a else ""))
-        ax.set_xscale("log")
-        ax.set_ylim(0.0, 1.02)
-        ax.set_xlabel("learning rate (grid value, before batch scaling)")
-        ax.set_ylabel("val accuracy")
-        ax.set_title(f"{name}: best {r['best_head']}", fontsize=9)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
+def few_label_curve(name, models, params, feats, splits, class_names, multilabel, config, full_fit,
+                    say=print) -> list[dict]:
+    """Test score of the best-on-val head for each label fraction and seed (whole patients per draw)."""
+    p, train = config.probe, splits["train"]
+    metric = "mean_auc" if multilabel else p.selection
+    curve = []
+    for fraction in sorted(p.label_fractions):
+        runs = []
+        for seed in range(p.fraction_seeds):
+            if fraction >= 1.0 and seed == 0:
+                fit = full_fit  # the main run is the 100 % run of seed 0
+            else:
+                index = subset_indices(train.patients, train.labels, fraction, seed)
+                fit = fit_and_select(models, params, feats, splits, len(class_names), multilabel, config,
+                                     config.seed + seed, train_index=index, say=lambda *_: None)
+            logits = all_logits(fit["state"], feats["test"])[fit["best"]]
+            report, _ = test_report(logits, splits["test"].labels, class_names, multilabel)
+            runs.append({"seed": seed, "train_patients": fit["train_patients"],
+                         "train_slices": fit["train_slices"], "best_head": lh.head_names()[fit["best"]],
+                         "test": {k: report[k] for k in ("accuracy", "balanced_accuracy", "macro_auc",
+                                                          "macro_f1", "mean_auc") if k in report}})
+        entry = {"fraction": fraction, "runs": runs,
+                 "test": {k: summarise([r["test"][k] for r in runs]) for k in runs[0]["test"]}}
+        curve.append(entry)
+        say(f"{name}: {fraction:.0%} of the training patients ({runs[0]['train_patients']}): test {metric} "
+            f"{entry['test'][metric]['mean']:.3f} +- {entry['test'][metric]['std']:.3f} over {len(runs)} seed(s)")
+    return curve
 
 
 # ---------------------------------------------------------------- entry point
@@ -358,60 +287,70 @@ def validate_probe_config(config) -> None:
     if not p.checkpoint_dir:
         raise ValueError("config.probe.checkpoint_dir is empty; set it to the --workdir of a pretraining run "
                          "(the folder that holds checkpoints/).")
-    if p.selection not in SELECTIONS:
-        raise ValueError(f"config.probe.selection={p.selection!r} is not valid; choose one of {', '.join(SELECTIONS)}.")
-    for key in ("epochs", "batch_size", "feature_batch"):
+    allowed = SELECTIONS[False] + SELECTIONS[True]
+    if p.selection not in allowed:
+        raise ValueError(f"config.probe.selection={p.selection!r} is not valid; choose one of {', '.join(allowed)}.")
+    if p.features not in FEATURE_MODES:
+        raise ValueError(f"config.probe.features={p.features!r} is not valid; choose one of "
+                         f"{', '.join(FEATURE_MODES)}.")
+    for key in ("epochs", "batch_size", "feature_batch", "fraction_seeds"):
         if p[key] <= 0:
             raise ValueError(f"config.probe.{key}={p[key]!r} must be a positive number.")
     for key in ("epoch_length", "eval_every"):
         if p[key] < 0:
             raise ValueError(f"config.probe.{key}={p[key]!r} must be 0 (once per pass over train) or positive.")
+    validate_fractions(p.label_fractions, "config.probe.label_fractions")
 
 
-def run(config, workdir: str) -> dict:
-    """Probes the pretrained teacher backbone (and a random-init one) and writes the results to ``workdir``."""
-    validate_probe_config(config)
+def backbones_to_probe(config, run_dir: str, say=print):
+    """The run's config, models and ``{name: (params, checkpoint record)}`` (random init first)."""
     p = config.probe
-    run_dir = p.checkpoint_dir
     steps = checkpoint_steps(run_dir)
     run_config, pretrained, step = load_run(run_dir, p.step)
     where = os.path.join(os.path.abspath(run_dir), "checkpoints", str(step))
     latest = step == steps[-1]
     if not latest:
-        print(f"WARNING: probing step {step}, which is NOT the latest checkpoint of {run_dir} (latest: {steps[-1]}); "
-              "the results describe an earlier backbone than the run's final one.", flush=True)
+        say(f"WARNING: probing step {step}, which is NOT the latest checkpoint of {run_dir} (latest: {steps[-1]}); "
+            "the results describe an earlier backbone than the run's final one.")
     # The backbone's own settings (model, crops) with this probe's data section and seed.
     with run_config.unlocked():
-        run_config.data = ml_collections.ConfigDict(config.data.to_dict())
+        run_config.data = type(config.data)(config.data.to_dict())
         run_config.seed = config.seed
-        run_config.probe = ml_collections.ConfigDict(p.to_dict())
+        run_config.probe = type(p)(p.to_dict())
     models = build_models(run_config)
     if models.backbone.depth < 4:
         raise ValueError(f"The backbone in {where} has {models.backbone.depth} blocks; the linear probe reads "
                          "the last 4 blocks' CLS tokens, so it needs at least 4.")
     check_backbone_shapes(models, pretrained, run_config, where)
-    splits, class_names, task = load_splits(run_config, workdir, run_dir)
-    print(f"linear probe: {task}; classes {', '.join(class_names)}; "
-          + ", ".join(f"{len(y)} {s}" for s, (_, y) in splits.items()) + " slices", flush=True)
-
     backbones = {"pretrained": (pretrained, {"path": where, "step": step, "latest": latest,
                                              "latest_step": steps[-1], "content_hash": content_hash(pretrained)})}
     if p.random_baseline:
         random = init_params(models, jax.random.PRNGKey(config.seed), run_config)["backbone"]
         backbones = {"random_init": (random, {"seed": config.seed, "content_hash": content_hash(random)}),
                      **backbones}
-    results = {"task": task, "class_names": class_names, "run_dir": os.path.abspath(run_dir),
-               "config": json.loads(config.to_json_best_effort()), "backbones": {}}
+    return run_config, models, backbones
+
+
+def run(config, workdir: str) -> dict:
+    """Probes the pretrained teacher backbone (and a random-init one) and writes the results to ``workdir``."""
+    validate_probe_config(config)
+    p = config.probe
+    say = functools.partial(print, flush=True)
+    run_config, models, backbones = backbones_to_probe(config, p.checkpoint_dir, say)
+    splits, class_names, task, multilabel = load_splits(run_config, workdir, p.checkpoint_dir)
+    if p.selection not in SELECTIONS[multilabel]:
+        kind = "multi-label" if multilabel else "multi-class"
+        raise ValueError(f"config.probe.selection={p.selection!r} does not apply to this {kind} task; choose "
+                         f"{' or '.join(SELECTIONS[multilabel])}.")
+    say(f"linear probe: {task}; {'labels' if multilabel else 'classes'} {', '.join(class_names)}; "
+        + ", ".join(f"{len(s.labels)} {name}" for name, s in splits.items()) + " slices")
+    results = {"task": task, "multilabel": multilabel, "class_names": class_names,
+               "run_dir": os.path.abspath(p.checkpoint_dir), "config": json.loads(config.to_json_best_effort()),
+               "backbones": {}}
     for name, (params, record) in backbones.items():
         results["backbones"][name] = {"checkpoint": record,
-                                      **probe_backbone(name, models, params, splits, class_names, run_config,
-                                                       workdir)}
-    with open(os.path.join(workdir, "results.json"), "w") as f:
-        json.dump(results, f, indent=1)
-    table = markdown_table(results)
-    with open(os.path.join(workdir, "results.md"), "w") as f:
-        f.write(f"# Linear probe of {os.path.abspath(run_dir)}\n\nTask: {task}. Best head by final val "
-                f"{p.selection} over {len(lh.head_names())} heads, reported on test.\n\n{table}")
-    plot_lr_curves(results, os.path.join(workdir, "probe_lr_curves.png"))
-    print(table, flush=True)
+                                      **probe_backbone(name, models, params, splits, class_names, multilabel,
+                                                       run_config, workdir, say)}
+    table = probe_report.write(results, workdir)
+    say(table)
     return results

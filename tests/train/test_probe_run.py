@@ -62,9 +62,10 @@ def test_best_head_and_test_metrics_recompute(probe_run):
     names = head_names()
     for r in results["backbones"].values():
         assert r["best_head"] in names
-        assert list(r["val_accuracy_per_head"]) == names
-        best_val = max(r["val_accuracy_per_head"].values())
-        assert r["val_accuracy_per_head"][r["best_head"]] == best_val
+        per_head = r["val_per_head"]["accuracy"]
+        assert list(per_head) == names
+        best_val = max(per_head.values())
+        assert per_head[r["best_head"]] == best_val
         assert r["val"]["accuracy"] == pytest.approx(best_val)
         saved = r["test_predictions"]
         again = metrics.classification_report(np.array(saved["labels"]), np.array(saved["predictions"]),
@@ -91,3 +92,66 @@ def test_user_errors_are_one_sentence(pretrain_dir, tmp_path, overrides, expecte
     assert "Traceback" not in proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert lines[-1].startswith("medjax: error: ") and expected in lines[-1], proc.stderr
+
+
+def test_few_label_curve_draws_whole_patients_per_seed(probe_run):
+    workdir, proc = probe_run
+    results = json.loads((workdir / "results.json").read_text())
+    assert (workdir / "probe_few_labels.png").stat().st_size > 0
+    assert "Few labels" in (workdir / "results.md").read_text()
+    for r in results["backbones"].values():
+        curve = r["few_labels"]
+        assert [e["fraction"] for e in curve] == [0.5, 1.0]
+        half, full = curve
+        assert len(half["runs"]) == len(full["runs"]) == 2
+        assert half["runs"][0]["train_patients"] < full["runs"][0]["train_patients"]
+        # the 100 % run of seed 0 is the main run
+        assert full["runs"][0]["test"]["accuracy"] == pytest.approx(r["test"]["accuracy"])
+        values = [run["test"]["accuracy"] for run in half["runs"]]
+        assert half["test"]["accuracy"]["mean"] == pytest.approx(np.mean(values))
+
+
+def test_multilabel_probe_selects_by_mean_auc(pretrain_dir, tmp_path):
+    """Two 0/1 finding columns derived from the demo manifest: sigmoid heads, mean AUC on val; the heads
+    train on augmented crops pushed through the backbone at every step."""
+    import csv
+
+    demo = pretrain_dir / "demo_data"
+    rows = list(csv.DictReader(open(demo / "manifest.csv")))
+    for r in rows:
+        r["lesion_any"] = str(int(r["lesion"] != "0"))
+        r["is_t2"] = str(int(r["contrast"] == "T2"))
+        r["path"] = str(demo / r["path"])
+        r["mask_path"] = str(demo / r["mask_path"]) if r["mask_path"] else ""
+    manifest = tmp_path / "findings.csv"
+    with open(manifest, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    workdir = tmp_path / "probe"
+    medjax(workdir, *DATA, f"--config.probe.checkpoint_dir={pretrain_dir}", f"--config.probe.manifest={manifest}",
+           "--config.probe.label_column=lesion_any,is_t2", "--config.probe.selection=mean_auc",
+           "--config.probe.label_fractions=()", "--config.probe.random_baseline=False",
+           "--config.probe.features=augmented",
+           "--config.data.extra_columns=lesion,contrast,series_description", config=PROBE)
+    results = json.loads((workdir / "results.json").read_text())
+    assert results["multilabel"] and results["class_names"] == ["lesion_any", "is_t2"]
+    r = results["backbones"]["pretrained"]
+    saved = r["test_predictions"]
+    again, _, _ = metrics.mean_label_auc(np.array(saved["labels"]), np.array(saved["probabilities"]))
+    assert again == pytest.approx(r["test"]["mean_auc"])
+    assert max(r["val_per_head"]["mean_auc"].values()) == pytest.approx(r["val"]["mean_auc"])
+    assert "mean AUC" in (workdir / "results.md").read_text()
+
+
+def test_augment_is_a_seeded_resized_crop_and_flip():
+    from medjax.train.probe import augment
+
+    x = np.random.default_rng(0).uniform(0, 1, (3, 16, 16, 1)).astype(np.float32)
+    a = augment(x, np.random.default_rng(1), mean=0.0, std=1.0)
+    assert a.shape == x.shape and a.dtype == np.float32
+    assert np.array_equal(a, augment(x, np.random.default_rng(1), mean=0.0, std=1.0))
+    assert a.min() >= 0.0 and a.max() <= 1.0  # stays in the normalised range of [0, 1] images
+    full = augment(x, np.random.default_rng(1), mean=0.0, std=1.0, scale=(1.0, 1.0), ratio=(1.0, 1.0))
+    for i in range(3):  # the whole image, flipped or not
+        assert np.allclose(full[i], x[i], atol=1e-5) or np.allclose(full[i], x[i, :, ::-1], atol=1e-5)
