@@ -8,11 +8,11 @@ b8931f7 for the register-token fixtures (imported from that folder in a child pr
     git -C ../dinov2-src checkout b8931f7
     python tests/reference/make_model_fixtures.py --dinov2-src ../dinov2-src
 
-Writes into tests/fixtures/: vit_mlp_c3.npz, vit_swiglu_c1.npz, vit_pos_interp_plain.npz (pip
-code) and vit_reg4_c1.npz, vit_pos_interp_aa.npz (register code), dino_head.npz. Each model file
-holds ``config`` (JSON), ``sd/<official key>``, the NCHW input, masks and official outputs.
-Weights are randomised at O(1) scale (not the training init) so every path shows up in the
-outputs.
+Writes into tests/fixtures/: vit_mlp_c3.npz, vit_swiglu_c1.npz, vit_chunked_c3.npz (block
+chunks), vit_pos_interp_plain.npz, dino_head.npz (pip code) and vit_reg4_c1.npz,
+vit_pos_interp_aa.npz (register code). Each model file holds ``config`` (JSON), ``sd/<official
+key>``, the NCHW input, masks and official outputs. Weights are randomised at O(1) scale (not the
+training init) so every path shows up in the outputs.
 """
 
 import argparse
@@ -56,15 +56,17 @@ def state_dict_arrays(module):
     return {f"sd/{k}": v.detach().numpy().astype(np.float32) for k, v in module.state_dict().items()}
 
 
-def backbone_fixture(vits, cfg, *, seed, hw, n_last, batch=2):
-    """Official forward_features (with masks) and get_intermediate_layers (no masks) on one input."""
+def backbone_fixture(vits, cfg, *, seed, hw, n_last, batch=2, block_chunks=0):
+    """Official forward_features (with masks) and get_intermediate_layers (no masks) on one input.
+
+    With ``block_chunks`` > 0 the state dict has chunked keys (``blocks.{chunk}.{i}.*``)."""
     import torch
 
     from dinov2.layers import MemEffAttention, NestedTensorBlock
 
     torch.manual_seed(seed)
     model = vits.DinoVisionTransformer(
-        **cfg, block_chunks=0, block_fn=partial(NestedTensorBlock, attn_class=MemEffAttention)).eval()
+        **cfg, block_chunks=block_chunks, block_fn=partial(NestedTensorBlock, attn_class=MemEffAttention)).eval()
     randomise(model, seed)
     rng = np.random.default_rng(seed)
     p, c = cfg["patch_size"], cfg["in_chans"]
@@ -84,6 +86,8 @@ def backbone_fixture(vits, cfg, *, seed, hw, n_last, batch=2):
         out[f"inter/{i}/patch"] = patch.numpy()
         out[f"inter/{i}/cls"] = cls.numpy()
     out.update({"config": np.array(json.dumps(cfg)), "x_nchw": x, "masks": masks, "n_last": np.array(n_last)})
+    if block_chunks:
+        out["block_chunks"] = np.array(block_chunks)
     return out
 
 
@@ -131,6 +135,10 @@ def pip_part():
     save("vit_mlp_c3.npz", backbone_fixture(vits, cfg, seed=0, hw=(56, 42), n_last=2))
     cfg = dict(base, img_size=28, patch_size=7, in_chans=1, depth=2, init_values=None, ffn_layer="swiglu")
     save("vit_swiglu_c1.npz", backbone_fixture(vits, cfg, seed=1, hw=(28, 28), n_last=2))
+    # Chunked blocks, run at twice the built size (pos_embed grid 2x2 -> 4x4): official-weight loading.
+    cfg = dict(base, embed_dim=16, num_heads=2, img_size=28, patch_size=14, in_chans=3, depth=4, init_values=1e-5,
+               ffn_layer="mlp")
+    save("vit_chunked_c3.npz", backbone_fixture(vits, cfg, seed=6, hw=(56, 56), n_last=1, block_chunks=2))
 
     grid, targets = 7, [(7, 7), (10, 6), (4, 4), (2, 9), (16, 16), (1, 1)]
     cfg = dict(img_size=grid * 14, patch_size=14, in_chans=1, embed_dim=16, depth=1, num_heads=2)
