@@ -22,7 +22,7 @@ import optax
 
 from medjax import checkpoint, reporting, sharding
 from medjax.schedules import pretrain_schedules
-from medjax.train import optim, pretrain_data
+from medjax.train import evals, optim, pretrain_data
 from medjax.train.pretrain_config import validate_pretrain_config
 from medjax.train.ssl_model import LossConfig, build_models, init_params, ssl_loss
 
@@ -50,6 +50,30 @@ def init_state(models, config, rng, adam: optax.GradientTransformation) -> Pretr
         opt_state=adam.init(student),
         dino_center=jnp.zeros((1, config.head.n_prototypes), jnp.float32),
         ibot_center=jnp.zeros((1, k_ibot), jnp.float32),
+    )
+
+
+def init_sharded_state(models, config, rng, adam, mesh) -> tuple[PretrainState, PretrainState]:
+    """The initial state created directly in its layout on ``mesh``, and that layout (a pytree of
+    NamedShardings): every leaf of ``config.mesh.fsdp_min_size`` elements or more split over the
+    ``fsdp`` axis (student, teacher, Adam moments and centres alike), the rest replicated."""
+
+    def init(r):
+        return init_state(models, config, r, adam)
+
+    shardings = sharding.param_shardings(jax.eval_shape(init, rng), mesh, config.mesh.fsdp_min_size)
+    return jax.jit(init, out_shardings=shardings)(rng), shardings
+
+
+def jit_train_step(train_step, state_shardings, batch_shardings: dict, mesh):
+    """``train_step`` compiled once with explicit layouts: state as ``state_shardings`` (donated),
+    batch entries split over the devices, rng and metrics replicated."""
+    replicated = sharding.replicated(mesh)
+    return jax.jit(
+        train_step,
+        in_shardings=(state_shardings, batch_shardings, replicated),
+        out_shardings=(state_shardings, replicated),
+        donate_argnums=0,
     )
 
 
@@ -135,8 +159,7 @@ def run(config, workdir: str) -> dict:
     adam = optim.make_adam(config.optim.adamw_beta1, config.optim.adamw_beta2)
     rng = jax.random.PRNGKey(config.seed)
     init_rng, step_rng = jax.random.split(rng)
-    replicated = sharding.replicated(mesh)
-    state = jax.jit(lambda r: init_state(models, config, r, adam), out_shardings=replicated)(init_rng)
+    state, state_shardings = init_sharded_state(models, config, init_rng, adam, mesh)
     rules = optim.ParamRules.from_params(
         state.student,
         depth=models.backbone.depth,
@@ -157,18 +180,16 @@ def run(config, workdir: str) -> dict:
             print(f"Resumed from step {start} of {total_steps} ({ckpt.directory}).")
     start = start or 0
 
-    step_fn = jax.jit(
-        make_train_step(models, config, schedules, rules, adam),
-        in_shardings=(replicated, data.shardings, replicated),
-        out_shardings=(replicated, replicated),
-        donate_argnums=0,
-    )
+    step_fn = jit_train_step(make_train_step(models, config, schedules, rules, adam), state_shardings,
+                             data.shardings, mesh)
     reporter = reporting.Reporter(
         workdir, total_steps=total_steps, images_per_step=global_batch, is_main=is_main
     )
+    evaluator = (evals.Evaluator(config, models, workdir, say=print if is_main else None)
+                 if config.evals.every or config.evals.final else None)
     overview = os.path.join(workdir, "training_overview.png")
     jsonl = reporter.jsonl_path
-    t_start, pending, last = time.perf_counter(), [], {}
+    t_start, pending, last, final_table = time.perf_counter(), [], {}, ""
     try:
         for step in range(start, stop_step):
             state, metrics = step_fn(state, data.next_batch(), step_rng)
@@ -184,6 +205,12 @@ def run(config, workdir: str) -> dict:
                     reporter.start(done)  # throughput excludes compilation
             if is_ckpt:
                 ckpt.save(done, state, data.iterator, meta)
+            if evaluator is not None and done == stop_step and config.evals.final:
+                scores, final_table = evaluator.final(state.teacher["backbone"], done, os.path.join(ckpt.directory, str(done)),
+                                                      config.seed, config)
+                reporter.write(done, scores)
+            elif evaluator is not None and config.evals.every and done % config.evals.every == 0:
+                reporter.write(done, evaluator(state.teacher["backbone"], done))
             if is_main and (done % config.train.plot_every == 0 or done == stop_step):
                 reporter.flush()
                 reporting.plot_training_overview(jsonl, overview, title=_title(config))
@@ -201,6 +228,9 @@ def run(config, workdir: str) -> dict:
     }
     if is_main and stop_step > start:
         _print_summary(summary, config)
+        if final_table:
+            print(f"\nWhat pretraining bought (teacher at step {stop_step} vs random init; {workdir}/eval/):\n\n"
+                  f"{final_table}", flush=True)
     return summary
 
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 import ml_collections
 from ml_collections import config_dict
 
+from medjax.distributed import check_distributed_config
+
 VARIANTS = ("", "demo", "smoke", "bench", "vits14", "vitb14", "vitl14", "vitg14")
 
 
@@ -131,10 +133,48 @@ def recipe(*, registers: int, ibot: bool = True, koleo: bool = True) -> ml_colle
     c.data.demo_slices = 16
     c.data.demo_image_size = 256
 
+    add_eval_config(c)
+
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1  # -1 = all remaining devices
-    c.mesh.fsdp = 1
+    c.mesh.fsdp = 1  # > 1: parameters and optimizer state split over this many devices (FSDP)
+    c.mesh.fsdp_min_size = 2**14  # state leaves with fewer elements stay replicated
+
+    # Several processes (hosts): see medjax/distributed.py and launch/README.md. Under SLURM (srun)
+    # everything is detected; elsewhere give process 0's host:port and each process's id.
+    c.distributed = ml_collections.ConfigDict()
+    c.distributed.coordinator_address = ""  # host:port of process 0; "" = SLURM or a single process
+    c.distributed.num_processes = 1
+    c.distributed.process_id = 0
+    c.distributed.initialization_timeout = 300  # seconds to wait for the coordinator and the other processes
     return c
+
+
+def add_eval_config(c: ml_collections.ConfigDict) -> None:
+    """The ``evals`` section of a pretraining config (off by default)."""
+    c.evals = ml_collections.ConfigDict()
+    c.evals.every = 0  # steps between evaluations of the teacher; 0 = none during the run
+    c.evals.final = False  # at the last step: pretrained vs random init, eval/results.md, printed table
+    c.evals.knn = True
+    c.evals.linear_probe = True
+    c.evals.manifest = ""  # labelled CSV manifest; empty = config.data.manifest (or the demo dataset)
+    c.evals.label_column = ""  # empty with the demo = lesion class shown on the slice
+    c.evals.selection = "accuracy"  # accuracy | balanced_accuracy | mean_auc: best head on val
+    c.evals.knn_k = (10, 20, 100, 200)
+    c.evals.probe_epochs = 10  # passes over the training slices per linear-probe fit
+    c.evals.batch_size = 128
+
+
+def validate_eval_config(c) -> None:
+    e = c.evals
+    if e.every < 0:
+        raise ValueError(f"config.evals.every={e.every} must be 0 (no evaluations during the run) or positive.")
+    if (e.every or e.final) and not (e.knn or e.linear_probe):
+        raise ValueError("config.evals asks for evaluations but both config.evals.knn and "
+                         "config.evals.linear_probe are False; enable one or set config.evals.every=0.")
+    if (e.every or e.final) and c.model.depth is not None and c.model.depth < 4 and e.linear_probe:
+        raise ValueError(f"config.model.depth={c.model.depth}: the linear probe reads the last 4 blocks, so "
+                         "evaluations need a backbone of at least 4 blocks (or config.evals.linear_probe=False).")
 
 
 def apply_variant(c: ml_collections.ConfigDict, variant: str, config_file: str) -> ml_collections.ConfigDict:
@@ -234,6 +274,7 @@ def _get(c, dotted):
 
 def validate_pretrain_config(c) -> None:
     """Raises ValueError with one sentence naming the first bad value and what would be valid."""
+    validate_eval_config(c)
     for key, allowed in _CHOICES.items():
         if _get(c, key) not in allowed:
             raise ValueError(f"config.{key}={_get(c, key)!r} is not valid; choose one of {', '.join(allowed)}.")
@@ -270,6 +311,16 @@ def validate_pretrain_config(c) -> None:
     for key in ("embed_dim", "depth", "num_heads"):
         if c.model[key] is not None and c.model[key] <= 0:
             raise ValueError(f"config.model.{key}={c.model[key]} must be a positive number.")
+    for axis in ("data", "fsdp"):
+        if c.mesh[axis] == 0 or c.mesh[axis] < -1:
+            raise ValueError(
+                f"config.mesh.{axis}={c.mesh[axis]} must be a positive number or -1 (all remaining devices)."
+            )
+    if c.mesh.data == -1 and c.mesh.fsdp == -1:
+        raise ValueError("Only one of config.mesh.data and config.mesh.fsdp may be -1 (all remaining devices).")
+    if c.mesh.fsdp_min_size < 0:
+        raise ValueError(f"config.mesh.fsdp_min_size={c.mesh.fsdp_min_size} must be 0 or more.")
+    check_distributed_config(c.distributed)
     if c.model.embed_dim is not None and c.model.num_heads is not None and c.model.embed_dim % c.model.num_heads:
         raise ValueError(
             f"config.model.embed_dim={c.model.embed_dim} is not divisible by config.model.num_heads={c.model.num_heads}."

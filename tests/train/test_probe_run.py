@@ -25,8 +25,11 @@ DATA = ("--config.data.demo_patients=12", "--config.data.demo_slices=8")
 @pytest.fixture(scope="session")
 def pretrain_dir(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("probe_pretrain")
-    medjax(workdir, *DATA, "--config.model.depth=4", "--config.optim.epochs=1", "--config.train.checkpoint_every=1")
+    proc = medjax(workdir, *DATA, "--config.model.depth=4", "--config.optim.epochs=1",
+                  "--config.train.checkpoint_every=1", "--config.evals.every=1", "--config.evals.final=True",
+                  "--config.evals.knn_k=(5,20)")
     assert sorted(os.listdir(workdir / "checkpoints")) == ["1", "2"]
+    (workdir / "stdout.txt").write_text(proc.stdout)
     return workdir
 
 
@@ -92,6 +95,26 @@ def test_user_errors_are_one_sentence(pretrain_dir, tmp_path, overrides, expecte
     assert "Traceback" not in proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert lines[-1].startswith("medjax: error: ") and expected in lines[-1], proc.stderr
+
+
+def test_evaluators_during_pretraining_are_logged_and_end_with_the_table(pretrain_dir):
+    """config.evals: kNN + linear probe at every step, the pretrained-vs-random table at the last one."""
+    logged = [json.loads(line) for line in (pretrain_dir / "metrics.jsonl").read_text().splitlines()]
+    evaluated = {r["step"]: r for r in logged if "eval/linear_test_accuracy" in r}
+    assert sorted(evaluated) == [1, 2]
+    for r in evaluated.values():
+        assert 0.0 <= r["eval/knn_k20_accuracy"] <= 1.0 and 0.0 <= r["eval/linear_val_accuracy"] <= 1.0
+    results = json.loads((pretrain_dir / "eval" / "results.json").read_text())
+    assert set(results["backbones"]) == {"random_init", "pretrained"}
+    pretrained = results["backbones"]["pretrained"]
+    assert pretrained["checkpoint"]["step"] == 2
+    assert pretrained["checkpoint"]["content_hash"] == content_hash(load_run(str(pretrain_dir))[1])
+    assert evaluated[2]["eval/linear_test_accuracy"] == pytest.approx(pretrained["test"]["accuracy"])
+    assert evaluated[2]["eval/knn_k20_accuracy"] == pytest.approx(pretrained["knn"]["20"]["accuracy"])
+    stdout = (pretrain_dir / "stdout.txt").read_text()
+    assert "What pretraining bought" in stdout and "| random_init |" in stdout and "kNN" in stdout
+    md = (pretrain_dir / "eval" / "results.md").read_text()
+    assert "| pretrained | step 2 |" in md and "k=20" in md
 
 
 def test_few_label_curve_draws_whole_patients_per_seed(probe_run):
