@@ -9,7 +9,7 @@ probe and the data it is evaluated on.
 
 import ml_collections
 
-from medjax.train.pretrain_config import recipe, use_demo_data_of_demo_variant
+from medjax.train.pretrain_config import DEMO_EVAL_LABEL, recipe, use_demo_data_of_demo_variant
 
 VARIANTS = ("", "demo", "smoke")
 
@@ -49,6 +49,7 @@ def get_config(variant: str = ""):
         c.probe.epochs = 30
         c.probe.epoch_length = 0
         c.probe.eval_every = 0
+        c.probe.label_column = DEMO_EVAL_LABEL  # series type per slice; "" = the slice-level lesion class
         use_demo_data_of_demo_variant(c.data)
     elif variant == "smoke":
         c.probe.batch_size = 16

@@ -129,6 +129,15 @@ def plot_training_overview(jsonl_path: str, png_path: str, title: str = "") -> N
         if present:
             panels.append((name, present))
             used.update(present)
+    # Evaluations of the teacher (config.evals): accuracies in one panel, AUCs in another, markers on.
+    for name, suffix in (("evaluation: accuracy (kNN test, linear val/test)", "_accuracy"),
+                         ("evaluation: mean AUC (linear val/test)", "_auc")):
+        present = [k for k in keys if k.startswith("eval/") and k.endswith(suffix) and "balanced" not in k
+                   and k not in used]
+        if present:
+            panels.append((name, present))
+            used.update(present)
+    used.update(k for k in keys if k.startswith("eval/") and "balanced" in k)  # in eval/results.md
     panels += [(k, [k]) for k in keys if k not in used]
     cols = 3
     fig_rows = math.ceil(len(panels) / cols)
@@ -138,7 +147,8 @@ def plot_training_overview(jsonl_path: str, png_path: str, title: str = "") -> N
             pts = [(r["step"], r[k]) for r in rows if k in r and math.isfinite(r[k])]
             if pts:
                 xs, ys = zip(*pts)
-                ax.plot(xs, ys, label=k, linewidth=1.4)
+                ax.plot(xs, ys, label=k.removeprefix("eval/"), linewidth=1.4,
+                        marker="o" if k.startswith("eval/") else None, markersize=3)
         if name == "gradient norm":
             ax.set_yscale("log")  # spans orders of magnitude early in training
         ax.set_title(name, fontsize=10)
@@ -150,6 +160,6 @@ def plot_training_overview(jsonl_path: str, png_path: str, title: str = "") -> N
         ax.axis("off")
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.98) if title else None)
     fig.savefig(png_path, dpi=90)
     plt.close(fig)

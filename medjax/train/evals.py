@@ -99,9 +99,11 @@ class Evaluator:
 
     def __call__(self, teacher_backbone, step: int) -> dict:
         scalars, _ = self.scores(_host_copy(teacher_backbone))
+        k = 20 if 20 in self.config.evals.knn_k else self.config.evals.knn_k[0]
+        shown = (f"eval/knn_k{k}_accuracy", "eval/linear_val_accuracy", "eval/linear_test_accuracy",
+                 "eval/linear_val_mean_auc", "eval/linear_test_mean_auc")
         self.say(f"evaluation at step {step}: " + ", ".join(
-            f"{k.removeprefix('eval/')} {v:.3f}" for k, v in scalars.items()
-            if k.endswith("accuracy") and ("k20" in k or "linear_test" in k) or k.endswith("auc")))
+            f"{name.removeprefix('eval/')} {scalars[name]:.3f}" for name in shown if name in scalars))
         return scalars
 
     def final(self, teacher_backbone, step: int, checkpoint_path: str, seed: int, full_config) -> tuple[dict, str]:

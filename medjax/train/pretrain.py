@@ -250,7 +250,8 @@ def collapse_verdict(teacher_entropy: float, batch_entropy: float, n_prototypes:
         return "collapsed to one mode: every image gets the same sharp target (see training_overview.png)"
     # batch_entropy - teacher_entropy is the information the target carries about the image.
     if batch_entropy - teacher_entropy < 0.05 * log_k:
-        return "targets do not (yet) depend on the image: the batch mean is as spread as each target"
+        return (f"targets carry little information about the image yet ({batch_entropy - teacher_entropy:.2f} "
+                "nats: the batch mean is nearly as spread as each target); judge the features by config.evals")
     return "not collapsed: targets are image-specific and spread over the prototypes"
 
 

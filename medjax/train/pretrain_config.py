@@ -12,6 +12,7 @@ from ml_collections import config_dict
 
 from medjax.distributed import check_distributed_config
 
+DEMO_EVAL_LABEL = "contrast"  # the demo's evaluation task: MRI series type (T1 / T2 / FLAIR) per slice
 VARIANTS = ("", "demo", "smoke", "bench", "vits14", "vitb14", "vitl14", "vitg14")
 
 
@@ -39,6 +40,7 @@ def recipe(*, registers: int, ibot: bool = True, koleo: bool = True) -> ml_colle
     c.model.interpolate_offset = 0.0 if registers > 0 else 0.1
     c.model.dtype = "float32"  # compute dtype: float32 | bfloat16 (params stay float32)
     c.model.remat = False
+    c.model.spatial_dims = 2  # 2: slices; 3: volumes (cubic patches and crops; configs/dinov2_reg_3d.py)
 
     c.head = ml_collections.ConfigDict()
     c.head.n_prototypes = 65536
@@ -199,6 +201,19 @@ def apply_variant(c: ml_collections.ConfigDict, variant: str, config_file: str) 
         _scale_down(c, embed=192, depth=6, heads=3, global_size=112, local_size=56, n_local=6,
                     prototypes=4096, hidden=512, bottleneck=128, batch=32, epochs=10, epoch_length=12)
         c.optim.base_lr = 0.004 * 4  # short run: a larger step, still scaled by batch
+        # 120 steps are far shorter than the official recipe's EMA and centring horizons: with them the
+        # teacher collapses to uniform targets (BUILD_NOTES.md, "The demo recipe"). A faster teacher,
+        # Sinkhorn-Knopp targets at a low temperature, fewer prototypes and a stronger KoLeo keep it
+        # image-dependent within the run.
+        c.teacher.momentum_teacher = 0.95
+        c.teacher.warmup_teacher_temp = c.teacher.teacher_temp = 0.02
+        c.loss.centering = "sinkhorn_knopp"
+        c.head.n_prototypes = c.head.ibot_n_prototypes = 512
+        c.loss.koleo_weight = 1.0
+        # End with the answer: the teacher vs a random-init backbone on the demo's series-type task.
+        c.evals.every = 60
+        c.evals.final = True
+        c.evals.label_column = DEMO_EVAL_LABEL
         use_demo_data_of_demo_variant(c.data)
         c.train.log_every = 10
         c.train.checkpoint_every = 60
@@ -311,6 +326,15 @@ def validate_pretrain_config(c) -> None:
     for key in ("embed_dim", "depth", "num_heads"):
         if c.model[key] is not None and c.model[key] <= 0:
             raise ValueError(f"config.model.{key}={c.model[key]} must be a positive number.")
+    if c.model.spatial_dims not in (2, 3):
+        raise ValueError(f"config.model.spatial_dims={c.model.spatial_dims!r} must be 2 (slices) or 3 (volumes).")
+    if c.model.spatial_dims == 3 and (c.evals.every or c.evals.final):
+        raise ValueError("The kNN and linear-probe evaluations read 2D slices, so they cannot run during 3D "
+                         "pretraining (config.model.spatial_dims=3); set config.evals.every=0 and "
+                         "config.evals.final=False.")
+    if c.model.spatial_dims == 3 and c.data.cache_dir:
+        raise ValueError("config.data.cache_dir caches 2D slices; 3D pretraining (config.model.spatial_dims=3) "
+                         "reads whole volumes, so leave config.data.cache_dir empty.")
     for axis in ("data", "fsdp"):
         if c.mesh[axis] == 0 or c.mesh[axis] < -1:
             raise ValueError(

@@ -140,5 +140,5 @@ def test_collapse_verdict_names_each_state():
     log_k = np.log(4096)
     assert collapse_verdict(0.99 * log_k, log_k, 4096).startswith("collapsed to uniform")
     assert collapse_verdict(0.01, 0.02, 4096).startswith("collapsed to one mode")
-    assert collapse_verdict(3.0, 3.1, 4096).startswith("targets do not (yet) depend on the image")
+    assert collapse_verdict(3.0, 3.1, 4096).startswith("targets carry little information about the image yet (0.10 nats")
     assert collapse_verdict(3.0, 8.0, 4096).startswith("not collapsed")
