@@ -37,8 +37,20 @@ def _linear_probe(config, workdir):
     return probe.run(config, workdir)
 
 
+def _finetune(config, workdir):
+    from medjax.train import finetune
+
+    return finetune.run(config, workdir)
+
+
+def _segment(config, workdir):
+    from medjax.train import segment
+
+    return segment.run(config, workdir)
+
+
 # Explicit registry: config.mode -> trainer.
-TRAINERS = {"pretrain": _pretrain, "linear_probe": _linear_probe}
+TRAINERS = {"pretrain": _pretrain, "linear_probe": _linear_probe, "finetune": _finetune, "segment": _segment}
 
 
 class UsageError(ValueError):
@@ -59,10 +71,11 @@ def _check_workdir(workdir: str | None) -> str:
 
 def _user_errors():
     """Exception types whose message is meant for the user (no traceback)."""
-    from medjax import checkpoint
+    from medjax import checkpoint, distributed
     from medjax.train import pretrain
 
-    return (ValueError, FileNotFoundError, checkpoint.CheckpointMismatchError, pretrain.NonFiniteLossError)
+    return (ValueError, FileNotFoundError, checkpoint.CheckpointMismatchError, pretrain.NonFiniteLossError,
+            distributed.DistributedSetupError)
 
 
 def main(argv):
@@ -80,6 +93,10 @@ def main(argv):
         if config.mode not in TRAINERS:
             raise UsageError(f"Unknown config.mode {config.mode!r}; choose one of {', '.join(TRAINERS)}.")
         workdir = _check_workdir(_WORKDIR.value)
+        if "distributed" in config:  # a trainer that runs over several processes: connect them first
+            from medjax import distributed
+
+            distributed.initialize_from_environment(config.distributed)
         TRAINERS[config.mode](config, workdir)
     except _user_errors() as e:
         if _TRACEBACK.value:
