@@ -65,6 +65,25 @@ def init_sharded_state(models, config, rng, adam, mesh) -> tuple[PretrainState, 
     return jax.jit(init, out_shardings=shardings)(rng), shardings
 
 
+def start_from_official(state: PretrainState, shardings, models, path: str) -> PretrainState:
+    """Student and teacher backbones from Meta's DINOv2 weights (continued pretraining on scans).
+
+    The config's model must have the weights' architecture (e.g. ``:vits14`` with 4 registers for
+    ``dinov2_vits14_reg4_pretrain.pth``); RGB patch kernels are folded for 1-channel inputs and the
+    positional embedding is resized to the global crop size. The heads start from scratch, as the
+    released weights have none. Only a fresh run does this: a resumed run restores its checkpoint.
+    """
+    from medjax.models.convert import load_official
+
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"config.model.init_weights={path!r} does not exist; give the path of official "
+                                "DINOv2 backbone weights (.pth, .npz or .safetensors).")
+    _, backbone = load_official(path, model=models.backbone)
+    state = state.replace(student={**state.student, "backbone": backbone},
+                          teacher={**state.teacher, "backbone": backbone})
+    return jax.device_put(state, shardings)
+
+
 def jit_train_step(train_step, state_shardings, batch_shardings: dict, mesh):
     """``train_step`` compiled once with explicit layouts: state as ``state_shardings`` (donated),
     batch entries split over the devices, rng and metrics replicated."""
@@ -160,6 +179,8 @@ def run(config, workdir: str) -> dict:
     rng = jax.random.PRNGKey(config.seed)
     init_rng, step_rng = jax.random.split(rng)
     state, state_shardings = init_sharded_state(models, config, init_rng, adam, mesh)
+    if config.model.init_weights:
+        state = start_from_official(state, state_shardings, models, config.model.init_weights)
     rules = optim.ParamRules.from_params(
         state.student,
         depth=models.backbone.depth,

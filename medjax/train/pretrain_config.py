@@ -40,6 +40,9 @@ def recipe(*, registers: int, ibot: bool = True, koleo: bool = True) -> ml_colle
     c.model.interpolate_offset = 0.0 if registers > 0 else 0.1
     c.model.dtype = "float32"  # compute dtype: float32 | bfloat16 (params stay float32)
     c.model.remat = False
+    # Official DINOv2 backbone weights (.pth/.npz/.safetensors) to start student and teacher from
+    # (continued pretraining); the model settings above must match their architecture. "" = random init.
+    c.model.init_weights = ""
     c.model.spatial_dims = 2  # 2: slices; 3: volumes (cubic patches and crops; configs/dinov2_reg_3d.py)
 
     c.head = ml_collections.ConfigDict()
