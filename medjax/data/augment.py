@@ -131,7 +131,8 @@ def _resize_box(planes, box, size: int) -> np.ndarray:
 
 
 def _intensity(x: np.ndarray, cfg: MultiCropConfig, blur_p: float, rng: np.random.Generator) -> np.ndarray:
-    """Photometric augmentation of one crop (values in [0, 1] in and out, before noise)."""
+    """Photometric augmentation of one crop (values in [0, 1] in and out, before noise); the crop is
+    (H, W, C) or, for volumes, (D, H, W, C)."""
     if rng.random() < cfg.intensity_p:
         # Random order of the two, as torchvision's ColorJitter.
         for op in rng.permutation(2):
@@ -146,7 +147,9 @@ def _intensity(x: np.ndarray, cfg: MultiCropConfig, blur_p: float, rng: np.rando
         x = np.power(x, np.float32(g))
     if rng.random() < blur_p:
         sigma = rng.uniform(*cfg.blur_sigma)
-        x = ndimage.gaussian_filter(x, sigma=(sigma, sigma, 0), mode="mirror", radius=(_BLUR_RADIUS, _BLUR_RADIUS, 0))
+        spatial = x.ndim - 1  # (H, W, C) slices or (D, H, W, C) volumes: never across channels
+        x = ndimage.gaussian_filter(x, sigma=(sigma,) * spatial + (0,), mode="mirror",
+                                    radius=(_BLUR_RADIUS,) * spatial + (0,))
     if rng.random() < cfg.noise_p:
         std = np.float32(rng.uniform(*cfg.noise_std))
         x = x + std * rng.standard_normal(x.shape, dtype=np.float32)

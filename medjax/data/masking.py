@@ -75,6 +75,55 @@ class MaskingGenerator:
         return self.sample_blocks(num_masking_patches, rng)[0]
 
 
+class MaskingGenerator3D:
+    """Block masking on a (depth, height, width) token grid of a 3D model: BEiT's rectangles as boxes.
+
+    No reference exists for 3D; medjax extends the 2D rule: a block's volume is uniform in
+    [min_num_patches, max_new], its in-plane aspect (w / h) and through-plane aspect (d / sqrt(h w))
+    log-uniform in [min_aspect, 1 / min_aspect], every side strictly shorter than the grid's, ten
+    tries per block. Masks flatten in (D, H, W) order, as the 3D patch embedding's tokens.
+    """
+
+    def __init__(self, grid: tuple[int, int, int], *, min_num_patches: int = 4, max_num_patches: int | None = None,
+                 min_aspect: float = 0.3, max_aspect: float | None = None):
+        self.shape = tuple(int(g) for g in grid)
+        if len(self.shape) != 3 or min(self.shape) < 1:
+            raise ValueError(f"grid={grid} must have three positive sides (volume size // patch size).")
+        self.num_patches = int(np.prod(self.shape))
+        self.min_num_patches = min_num_patches
+        self.max_num_patches = 0.5 * self.num_patches if max_num_patches is None else max_num_patches
+        max_aspect = max_aspect or 1.0 / min_aspect
+        self.log_aspect = (math.log(min_aspect), math.log(max_aspect))
+
+    def _add_block(self, mask: np.ndarray, max_new: float, rng: np.random.Generator) -> int:
+        lo, hi = self.log_aspect
+        for _ in range(10):
+            volume = self.min_num_patches + (max_new - self.min_num_patches) * rng.random()
+            in_plane = math.exp(lo + (hi - lo) * rng.random())
+            through = math.exp(lo + (hi - lo) * rng.random())
+            q = (volume / through) ** (1.0 / 3.0)
+            sides = (round(through * q), round(q / math.sqrt(in_plane)), round(q * math.sqrt(in_plane)))
+            if all(0 < s < g for s, g in zip(sides, self.shape)):
+                start = [int(rng.integers(0, g - s + 1)) for s, g in zip(sides, self.shape)]
+                region = mask[tuple(slice(a, a + s) for a, s in zip(start, sides))]
+                new = int(np.prod(sides)) - int(region.sum())
+                if 0 < new <= max_new:
+                    region[...] = True
+                    return new
+        return 0
+
+    def __call__(self, num_masking_patches: int, rng: np.random.Generator) -> np.ndarray:
+        """(depth, height, width) bool mask with at most ``num_masking_patches`` True."""
+        mask = np.zeros(self.shape, dtype=bool)
+        count = 0
+        while count < num_masking_patches:
+            delta = self._add_block(mask, min(num_masking_patches - count, self.max_num_patches), rng)
+            if delta == 0:
+                break
+            count += delta
+        return mask
+
+
 def _ratio_bins(n: int, mask_probability: float, mask_ratio: tuple[float, float]):
     n_masked = int(n * mask_probability)
     return n_masked, np.linspace(mask_ratio[0], mask_ratio[1], n_masked + 1)

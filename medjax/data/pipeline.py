@@ -11,6 +11,7 @@ independent of the number of worker processes.
 Batch format (numpy, B = per-process batch size, N = patches per global crop):
   global_crops  float32 (n_global * B, Hg, Wg, C), crop-major as the reference collate
   local_crops   float32 (n_local * B, Hl, Wl, C), crop-major (zero rows when n_local = 0)
+                (with a `MultiCrop3DConfig` the crops are volumes: (rows, S, S, S, C))
   masks         bool    (n_global * B, N)
   mask_indices  int32   (M,)  flat indices into n_global * B * N, padded with 0
   mask_weights  float32 (M,)  1 / (masked patches of that image), 0 on padding
@@ -24,7 +25,9 @@ import grain
 import numpy as np
 
 from medjax.data.augment import MultiCropConfig, multicrop
-from medjax.data.masking import MaskingGenerator, mask_index_arrays, mask_upper_bound, sample_batch_masks
+from medjax.data.augment3d import MultiCrop3DConfig, multicrop3d
+from medjax.data.masking import (MaskingGenerator, MaskingGenerator3D, mask_index_arrays, mask_upper_bound,
+                                 sample_batch_masks)
 
 # Distinct streams of the one user seed, so shuffle, crops and masks never share random numbers.
 _SHUFFLE, _AUGMENT, _MASK = 0, 1, 2
@@ -39,7 +42,8 @@ class _Augment:
     def __call__(self, position: int, record):
         image = record["image"] if isinstance(record, dict) else record
         rng = np.random.default_rng([self.seed, _AUGMENT, position])
-        return multicrop(image, rng, self.cfg)
+        views = multicrop3d if isinstance(self.cfg, MultiCrop3DConfig) else multicrop
+        return views(image, rng, self.cfg)
 
 
 class _Collate:
@@ -54,7 +58,7 @@ class _Collate:
         if cfg.n_local:
             local = np.stack([s["local_crops"][i] for i in range(cfg.n_local) for s in samples])
         else:
-            local = np.zeros((0, cfg.local_size, cfg.local_size, glob.shape[-1]), np.float32)
+            local = np.zeros((0,) + (cfg.local_size,) * (glob.ndim - 2) + glob.shape[-1:], np.float32)
         return {"global_crops": glob, "local_crops": local}
 
 
@@ -62,7 +66,7 @@ class _AddMasks:
     """Batch b of this process -> iBOT masks and padded index arrays, RNG keyed by the global batch number."""
 
     def __init__(self, grid, n_images, mask_probability, mask_ratio, seed, process_index, process_count):
-        self.generator = MaskingGenerator(grid)
+        self.generator = MaskingGenerator3D(grid) if len(grid) == 3 else MaskingGenerator(grid)
         self.n_images = n_images
         self.mask_probability, self.mask_ratio = mask_probability, tuple(mask_ratio)
         self.seed, self.process_index, self.process_count = seed, process_index, process_count
@@ -117,7 +121,8 @@ def make_pretrain_dataset(source, crop_cfg: MultiCropConfig, *, batch_size: int,
         ds = ds[:usable]
     ds = ds[process_index::process_count]
     ds = ds.batch(batch_size, drop_remainder=True, batch_fn=_Collate(crop_cfg))
-    ds = ds.map_with_index(_AddMasks((side, side), n_images, mask_probability, mask_ratio, seed,
+    grid = (side,) * (3 if isinstance(crop_cfg, MultiCrop3DConfig) else 2)
+    ds = ds.map_with_index(_AddMasks(grid, n_images, mask_probability, mask_ratio, seed,
                                      process_index, process_count))
     if num_workers > 0:
         it = ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))

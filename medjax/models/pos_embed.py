@@ -67,6 +67,23 @@ def bicubic_matrix(n_in: int, n_out: int, *, antialias: bool, scale_factor: floa
     return _plain_bicubic_matrix(n_in, n_out, ratio)
 
 
+def _axis_matrices(m: int, grid: Sequence[int], *, antialias: bool, offset: float) -> list:
+    """One (g, m) resize matrix per axis of ``grid``, with the official offset rule (see below)."""
+    mats = []
+    for g in grid:
+        if offset:
+            scale = (g + offset) / m
+            mats.append(bicubic_matrix(m, math.floor(m * scale), antialias=antialias, scale_factor=scale))
+        else:
+            mats.append(bicubic_matrix(m, g, antialias=antialias))
+    got = tuple(w.shape[0] for w in mats)
+    if got != tuple(grid):
+        sides = "x".join([str(m)] * len(grid))
+        raise ValueError(f"interpolate_offset={offset} maps a {sides} grid to {'x'.join(map(str, got))}, "
+                         f"not {'x'.join(map(str, grid))}.")
+    return mats
+
+
 def interpolate_pos_embed(
     pos_embed: jnp.ndarray,
     grid: Sequence[int],
@@ -88,17 +105,7 @@ def interpolate_pos_embed(
     gh, gw = int(grid[0]), int(grid[1])
     if (gh, gw) == (m, m):
         return pos_embed
-    mats = []
-    for g in (gh, gw):
-        if offset:
-            scale = (g + offset) / m
-            mats.append(bicubic_matrix(m, math.floor(m * scale), antialias=antialias, scale_factor=scale))
-        else:
-            mats.append(bicubic_matrix(m, g, antialias=antialias))
-    wh, ww = mats
-    if (wh.shape[0], ww.shape[0]) != (gh, gw):
-        raise ValueError(f"interpolate_offset={offset} maps a {m}x{m} grid to "
-                         f"{wh.shape[0]}x{ww.shape[0]}, not {gh}x{gw}.")
+    wh, ww = _axis_matrices(m, (gh, gw), antialias=antialias, offset=offset)
     pe = pos_embed.astype(jnp.float32)
     patches = pe[0, 1:].reshape(m, m, -1)
     out = jnp.einsum(
@@ -109,3 +116,35 @@ def interpolate_pos_embed(
         precision="highest",
     )
     return jnp.concatenate([pe[:, :1], out.reshape(1, gh * gw, -1)], axis=1).astype(pos_embed.dtype)
+
+
+def interpolate_pos_embed_3d(
+    pos_embed: jnp.ndarray,
+    grid: Sequence[int],
+    *,
+    antialias: bool,
+    offset: float,
+) -> jnp.ndarray:
+    """Resample a ``(1, 1 + M**3, D)`` CLS+patch positional embedding to a ``(gd, gh, gw)`` patch grid.
+
+    There is no official 3D DINOv2, so this is medjax's choice: tricubic as the separable product of
+    the same 1-D kernels the 2D path uses (torch's bicubic rule, with the model's ``antialias`` and
+    ``offset``), so each axis of a 3D model resizes as a 2D model's axes do. Patch positions are
+    flattened in (D, H, W) order, as the 3D patch embedding flattens its tokens.
+    """
+    n = pos_embed.shape[1] - 1
+    m = round(n ** (1.0 / 3.0))
+    if m**3 != n:
+        raise ValueError(f"pos_embed holds {n} patch positions, not a cubic grid; cannot interpolate in 3D.")
+    target = tuple(int(g) for g in grid)
+    if len(target) != 3:
+        raise ValueError(f"grid={grid} must have three sides (D, H, W) for a 3D positional embedding.")
+    if target == (m, m, m):
+        return pos_embed
+    wd, wh, ww = (jnp.asarray(w, jnp.float32) for w in _axis_matrices(m, target, antialias=antialias,
+                                                                      offset=offset))
+    pe = pos_embed.astype(jnp.float32)
+    patches = pe[0, 1:].reshape(m, m, m, -1)
+    out = jnp.einsum("ia,jb,kc,abcd->ijkd", wd, wh, ww, patches, precision="highest")
+    flat = out.reshape(1, math.prod(target), -1)
+    return jnp.concatenate([pe[:, :1], flat], axis=1).astype(pos_embed.dtype)

@@ -2,7 +2,8 @@
 
 Numerically equivalent to the official backbone given converted weights; parameter names mirror
 the official state-dict keys so optimizer masks (``norm``, ``bias``, ``gamma``, ``patch_embed``,
-``blocks_{i}``) and weight conversion stay one-to-one. Inputs are NHWC.
+``blocks_{i}``) and weight conversion stay one-to-one. Inputs are NHWC, or NDHWC with
+``spatial_dims=3`` (cubic patches, tokens in D, H, W order, a cubic positional-embedding grid).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from medjax.models.pos_embed import interpolate_pos_embed
+from medjax.models.pos_embed import interpolate_pos_embed, interpolate_pos_embed_3d
 
 Array = jax.Array
 
@@ -60,21 +61,22 @@ class PatchEmbed(nn.Module):
     """Non-overlapping patch projection (conv, stride = patch, VALID: a remainder is dropped).
 
     The official code keeps torch's default conv init (its ViT init only touches Linear layers).
+    With ``spatial_dims=3`` the patches are cubes and tokens are flattened in (D, H, W) order.
     """
 
     patch_size: int
     embed_dim: int
     dtype: Any = jnp.float32
+    spatial_dims: int = 2
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
-        p = self.patch_size
-        fan_in = x.shape[-1] * p * p
-        x = nn.Conv(self.embed_dim, (p, p), strides=(p, p), padding="VALID", dtype=self.dtype,
+        window = (self.patch_size,) * self.spatial_dims
+        fan_in = x.shape[-1] * math.prod(window)
+        x = nn.Conv(self.embed_dim, window, strides=window, padding="VALID", dtype=self.dtype,
                     param_dtype=jnp.float32, kernel_init=torch_default_uniform(fan_in),
                     bias_init=torch_default_uniform(fan_in), name="proj")(x)
-        b, gh, gw, d = x.shape
-        return x.reshape(b, gh * gw, d)
+        return x.reshape(x.shape[0], -1, x.shape[-1])
 
 
 class LayerScale(nn.Module):
@@ -218,16 +220,20 @@ class VisionTransformer(nn.Module):
     interpolate_offset: float = 0.1
     dtype: Any = jnp.float32
     remat: bool = False
+    spatial_dims: int = 2  # 2: slices (N, H, W, C); 3: volumes (N, D, H, W, C), cubic patches
 
     def setup(self):
         if self.ffn_layer not in ("mlp", "swiglu"):
             raise ValueError(f"ffn_layer must be 'mlp' or 'swiglu', got {self.ffn_layer!r}.")
         if self.embed_dim % self.num_heads:
             raise ValueError(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}.")
+        if self.spatial_dims not in (2, 3):
+            raise ValueError(f"spatial_dims={self.spatial_dims} must be 2 (slices) or 3 (volumes).")
         d, grid = self.embed_dim, self.img_size // self.patch_size
-        self.patch_embed = PatchEmbed(self.patch_size, d, self.dtype)
+        self.patch_embed = PatchEmbed(self.patch_size, d, self.dtype, self.spatial_dims)
         self.cls_token = self.param("cls_token", nn.initializers.normal(1e-6), (1, 1, d), jnp.float32)
-        self.pos_embed = self.param("pos_embed", trunc_normal(0.02), (1, 1 + grid * grid, d), jnp.float32)
+        self.pos_embed = self.param("pos_embed", trunc_normal(0.02), (1, 1 + grid**self.spatial_dims, d),
+                                    jnp.float32)
         if self.num_register_tokens:
             self.register_tokens = self.param(
                 "register_tokens", nn.initializers.normal(1e-6), (1, self.num_register_tokens, d), jnp.float32)
@@ -246,15 +252,20 @@ class VisionTransformer(nn.Module):
 
     def prepare_tokens(self, x: Array, masks: Optional[Array] = None) -> Array:
         """Patch-embed, mask, prepend CLS, add positional embedding, insert registers after CLS."""
-        b, h, w, _ = x.shape
+        if x.ndim != self.spatial_dims + 2:
+            layout = "(N, H, W, C)" if self.spatial_dims == 2 else "(N, D, H, W, C)"
+            raise ValueError(f"input of shape {x.shape} does not fit spatial_dims={self.spatial_dims}: "
+                             f"pass {layout}.")
+        b = x.shape[0]
         tokens = self.patch_embed(x.astype(self.dtype))
         if masks is not None:
             tokens = jnp.where(masks[..., None], self.mask_token[None].astype(tokens.dtype), tokens)
         cls = jnp.broadcast_to(self.cls_token.astype(tokens.dtype), (b, 1, self.embed_dim))
         tokens = jnp.concatenate([cls, tokens], axis=1)
-        grid = (h // self.patch_size, w // self.patch_size)
-        pos = interpolate_pos_embed(self.pos_embed, grid, antialias=self.interpolate_antialias,
-                                    offset=self.interpolate_offset)
+        grid = tuple(n // self.patch_size for n in x.shape[1:-1])
+        interpolate = interpolate_pos_embed if self.spatial_dims == 2 else interpolate_pos_embed_3d
+        pos = interpolate(self.pos_embed, grid, antialias=self.interpolate_antialias,
+                          offset=self.interpolate_offset)
         tokens = tokens + pos.astype(tokens.dtype)
         if self.num_register_tokens:
             shape = (b, self.num_register_tokens, self.embed_dim)

@@ -75,6 +75,7 @@ def backbone_kwargs(config) -> dict:
         interpolate_offset=m.interpolate_offset,
         dtype=DTYPES[m.dtype],
         remat=m.remat,
+        spatial_dims=m.spatial_dims,
     )
     for key in ("embed_dim", "depth", "num_heads"):
         if m[key] is not None:
@@ -101,7 +102,7 @@ def init_params(models: SSLModels, rng, config) -> dict:
     """Student parameters; the teacher starts as a copy (as the official code)."""
     r_backbone, r_dino, r_ibot = jax.random.split(rng, 3)
     size, chans = config.crops.global_size, config.model.in_chans
-    dummy = jnp.zeros((1, size, size, chans), jnp.float32)
+    dummy = jnp.zeros((1,) + (size,) * config.model.spatial_dims + (chans,), jnp.float32)
     params = {"backbone": models.backbone.init(r_backbone, dummy)["params"]}
     embed = jnp.zeros((1, models.backbone.embed_dim), jnp.float32)
     params["dino_head"] = models.dino_head.init(r_dino, embed)["params"]

@@ -1,0 +1,80 @@
+"""3D pretraining data (``config.model.spatial_dims == 3``): whole volumes of the manifest's training split.
+
+``pretrain_data`` calls in here for the source; the Grain pipeline, batching,
+masks and device placement are the 2D ones (the crop config's type,
+``MultiCrop3DConfig``, makes the pipeline cut cubes and mask 3D token grids).
+
+Volumes come from ``VolumeIndex`` (RAS+ (X, Y, Z), resampled to
+``config.data.target_spacing`` and normalised per volume) and are handed to the
+augmentation as (D, H, W) in the axial display layout: D runs from the feet to
+the head, and ``volume[k]`` is exactly the axial slice k that the 2D trainer
+sees (anterior up, patient-right on the image left), so W is the left-right
+axis the random flip mirrors.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+
+from medjax.data.manifest import load_manifest
+from medjax.data.slices import VolumeIndex
+from medjax.train.pretrain_data import DEMO_COLUMNS, demo_manifest
+
+
+def axial_dhw(volume: np.ndarray) -> np.ndarray:
+    """An RAS+ (X, Y, Z) volume as (D, H, W) = (Z, A->P, R->L): ``out[k]`` is the axial display slice k."""
+    return np.ascontiguousarray(np.asarray(volume)[::-1, ::-1, :].transpose(2, 1, 0))
+
+
+class AxialVolumes:
+    """Random-access source of records whose ``image`` is a (D, H, W) volume (see ``axial_dhw``)."""
+
+    def __init__(self, index: VolumeIndex):
+        self.index = index
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, i: int) -> dict:
+        record = dict(self.index[i])
+        record.pop("mask", None)  # pretraining reads images only
+        record["image"] = axial_dhw(record["image"])
+        return record
+
+
+def volume_source(config, manifest_path: str, split: str, *, extra_columns=(), say=None) -> AxialVolumes:
+    """The volumes of one split of a manifest, resampled, normalised and in the (D, H, W) layout."""
+    d = config.data
+    try:
+        normalisation = json.loads(d.normalisation)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"config.data.normalisation is not valid JSON ({e.msg}): {d.normalisation!r}.") from None
+    ignore = tuple(c for c in d.extra_columns.split(",") if c) + tuple(extra_columns)
+    rows = load_manifest(manifest_path, ignore_columns=ignore).split(split)
+    if not len(rows):
+        raise ValueError(f"The manifest {manifest_path} has no rows in the {split!r} split; add some or fix "
+                         "its split column.")
+    index = VolumeIndex(rows, normalisation=normalisation, skip_bad=d.skip_bad,
+                        target_spacing=tuple(d.target_spacing), cache_volumes=d.volumes_in_memory)
+    if say:
+        shapes = {tuple(int(n) for n in axial_dhw(index[0]["image"]).shape)} if len(index) else set()
+        first = f"; first volume {'x'.join(map(str, next(iter(shapes))))} (D x H x W)" if shapes else ""
+        spacing = (f" at {'x'.join(f'{s:g}' for s in d.target_spacing)} mm" if d.target_spacing
+                   else " on their own voxel grids (config.data.target_spacing is empty)")
+        say(f"{split} split: {len(rows)} series of {len(rows.patients())} patients -> {len(index)} volumes"
+            f"{spacing}{first}")
+    return AxialVolumes(index)
+
+
+def volume_pretrain_source(config, workdir: str, say=None) -> AxialVolumes:
+    """The volumes to pretrain on: the training split of the manifest (or of the demo dataset's)."""
+    if not config.data.manifest:
+        return volume_source(config, demo_manifest(config, workdir, say), "train", extra_columns=DEMO_COLUMNS,
+                             say=say)
+    if not os.path.exists(config.data.manifest):
+        raise FileNotFoundError(f"config.data.manifest={config.data.manifest!r} does not exist; give the path "
+                                "of a CSV manifest (columns patient_id, path, split, ...).")
+    return volume_source(config, config.data.manifest, "train", say=say)
