@@ -3,7 +3,7 @@
     python -m medjax.bench.step --config=configs/dinov2_reg.py:bench [--steps=20] [--workdir=runs/bench]
 
 The step runs on one real batch from the pipeline (data time excluded), after
-one compiling call. FLOPs per step come from XLA's cost analysis of the
+one compiling call, with the trainer's state layout (FSDP when config.mesh.fsdp > 1). FLOPs per step come from XLA's cost analysis of the
 compiled step; the peak is the best of several large float32 (or bfloat16,
 matching config.model.dtype) matmuls timed in the same process.
 """
@@ -20,7 +20,7 @@ from ml_collections import config_flags
 from medjax import sharding
 from medjax.schedules import pretrain_schedules
 from medjax.train import optim
-from medjax.train.pretrain import init_state, make_train_step
+from medjax.train.pretrain import init_sharded_state, jit_train_step, make_train_step
 from medjax.train.pretrain_data import PretrainData
 from medjax.train.ssl_model import DTYPES, build_models
 
@@ -55,10 +55,7 @@ def benchmark(config, steps: int, workdir: str) -> dict:
     global_batch = config.train.batch_size_per_device * mesh.size
     models = build_models(config)
     adam = optim.make_adam(config.optim.adamw_beta1, config.optim.adamw_beta2)
-    replicated = sharding.replicated(mesh)
-    state = jax.jit(lambda r: init_state(models, config, r, adam), out_shardings=replicated)(
-        jax.random.PRNGKey(0)
-    )
+    state, state_shardings = init_sharded_state(models, config, jax.random.PRNGKey(0), adam, mesh)
     rules = optim.ParamRules.from_params(
         state.student,
         depth=models.backbone.depth,
@@ -70,7 +67,7 @@ def benchmark(config, steps: int, workdir: str) -> dict:
     data.close()
     step = make_train_step(models, config, pretrain_schedules(config, global_batch), rules, adam)
     rng = jax.random.PRNGKey(1)
-    jitted = jax.jit(step, in_shardings=(replicated, data.shardings, replicated), donate_argnums=0)
+    jitted = jit_train_step(step, state_shardings, data.shardings, mesh)  # exactly the trainer's layout
     t0 = time.perf_counter()
     compiled = jitted.lower(state, batch, rng).compile()
     compile_s = time.perf_counter() - t0
