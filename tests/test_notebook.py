@@ -16,7 +16,7 @@ def test_quickstart_notebook_runs(tmp_path, monkeypatch):
     assert not [o for o in outputs if o.output_type == "error"]
     images = [o for o in outputs if "image/png" in o.get("data", {})]
     markdown = "".join(o["data"]["text/markdown"] for o in outputs if "text/markdown" in o.get("data", {}))
-    assert len(images) >= 5
+    assert len(images) == 4  # overview, lr curves, few-label curve, confusion matrix
     assert "| random_init |" in markdown and "| pretrained |" in markdown and "Few labels" in markdown
     assert (tmp_path / "pretrain" / "eval" / "results.json").exists()
     assert (tmp_path / "probe" / "results.json").exists()
