@@ -1,0 +1,87 @@
+"""Classification fine-tuning (backbone + one linear head per target column); variants: demo, smoke.
+
+    python -m medjax.main --config=configs/finetune.py:demo --workdir=runs/demo_finetune \
+        --config.finetune.checkpoint_dir=runs/demo
+
+init=checkpoint takes the model, crop size and normalisation from the pretraining run;
+init=official from the weights file; init=random builds config.model at image_size.
+"""
+
+import ml_collections
+
+from medjax.train.pretrain_config import recipe, use_demo_data_of_demo_variant
+
+VARIANTS = ("", "demo", "smoke")
+
+
+def get_config(variant: str = ""):
+    variant = variant or ""
+    if variant not in VARIANTS:
+        raise ValueError(f"Unknown variant {variant!r} of configs/finetune.py; choose demo or smoke (or none).")
+    c = ml_collections.ConfigDict()
+    c.mode = "finetune"
+    c.seed = 0
+
+    f = c.finetune = ml_collections.ConfigDict()
+    f.init = "checkpoint"  # checkpoint | official | random
+    f.checkpoint_dir = ""  # init=checkpoint: the --workdir of a pretraining run (holds checkpoints/)
+    f.step = -1  # checkpoint step; -1 = the latest
+    f.official_weights = ""  # init=official: official DINOv2 weights (.pth, .npz, .safetensors)
+    f.image_size = 0  # input size; 0 = the pretraining crop size (checkpoint) or 224
+    f.baselines = ("random",)  # also train these from scratch with the same budget: "random" or none
+    # Data: a CSV manifest with label columns; empty = the demo dataset (lesion class shown on the slice).
+    f.manifest = ""
+    f.targets = ()  # label columns, one head each; empty with the demo = ("lesion",)
+    f.label_fractions = (1.0,)  # fractions of the training patients whose labels are used, e.g. (0.01, 0.1, 1.0)
+    f.fraction_seeds = (0,)  # one patient draw (and training run) per seed; results are mean ± std
+    # What trains: the first freeze_blocks blocks and the embeddings stay fixed (0 = full fine-tuning).
+    f.freeze_blocks = 0
+    # Optimiser: AdamW, lr = base_lr * batch_size / 256, linear warm-up then cosine to min_lr.
+    f.epochs = 30  # passes over the full training split; every label fraction gets the same number of steps
+    f.batch_size = 64
+    f.base_lr = 5e-4
+    f.min_lr = 1e-6
+    f.warmup_epochs = 3
+    f.weight_decay = 0.05
+    f.layerwise_decay = 0.75  # lr multiplier decay ** (depth + 1 - layer); 1 = none
+    f.patch_embed_lr_mult = 1.0
+    f.clip_grad = 3.0  # global gradient norm; 0 = no clipping
+    f.adamw_beta1 = 0.9
+    f.adamw_beta2 = 0.999
+    f.drop_path_rate = 0.1  # rising linearly over the blocks to this value
+    f.class_weighted = True  # cross-entropy weighted by inverse class frequency in the training subset
+    # Train transform: random resized crop + horizontal flip; eval: the whole slice resized.
+    f.train_scale = (0.08, 1.0)
+    f.train_ratio = (3.0 / 4.0, 4.0 / 3.0)
+    f.flip_p = 0.5
+    f.eval_every = 0  # steps between val evaluations; 0 = once per pass over the full training split
+    f.keep = "best_val"  # best_val (best mean val balanced accuracy over targets) | last
+    f.eval_batch = 128
+
+    # The model built by init=random (ignored otherwise) and the data section, as in pretraining.
+    base = recipe(registers=4)
+    c.model = base.model
+    c.data = base.data
+    if variant == "demo":
+        # The demo run's slices; the slice-level lesion class (small findings: large crops only) and
+        # the contrast (T1 / T2 / FLAIR), one head each, for 4 passes over the training slices.
+        use_demo_data_of_demo_variant(c.data)
+        f.targets = ("lesion", "contrast")
+        f.epochs = 4
+        f.warmup_epochs = 1
+        f.batch_size = 32
+        f.base_lr = 4e-3
+        f.train_scale = (0.5, 1.0)
+    elif variant == "smoke":
+        f.targets = ("lesion", "contrast")
+        f.label_fractions = (0.5, 1.0)
+        f.epochs = 1
+        f.warmup_epochs = 0
+        f.batch_size = 8
+        f.eval_every = 6
+        f.eval_batch = 32
+        c.data.demo_patients = 12
+        c.data.demo_slices = 8
+        c.data.demo_image_size = 48
+        c.data.num_workers = 0
+    return c
