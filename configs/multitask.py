@@ -1,0 +1,16 @@
+"""Multi-task: one backbone trained with a segmentation decoder and a classification head; variants: demo, smoke.
+
+    python -m medjax.main --config=configs/multitask.py:demo --workdir=runs/demo_multitask \
+        --config.segment.checkpoint_dir=runs/demo
+
+The segmentation config (configs/segment.py) with the classification head switched on
+(config.segment.classification_weight > 0; the loss is dice_weight * Dice + ce_weight * CE
++ classification_weight * classification CE) and the backbone fine-tuned, so that the two
+heads share what they train.
+"""
+
+from medjax.train.segment_config import segment_config
+
+
+def get_config(variant: str = ""):
+    return segment_config(variant, multitask=True, config_file="configs/multitask.py")

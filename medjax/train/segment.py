@@ -1,0 +1,332 @@
+"""The segmentation (and multi-task) trainer: heads on ViT patch tokens, pretrained vs random init, few labels.
+
+    python -m medjax.main --config=configs/segment.py:demo --workdir=runs/demo_segment \
+        --config.segment.checkpoint_dir=runs/demo
+    python -m medjax.main --config=configs/multitask.py:demo --workdir=runs/demo_multitask \
+        --config.segment.checkpoint_dir=runs/demo
+
+For every initialisation (the pretraining run's teacher backbone or official DINOv2
+weights, and a random init of the same architecture), every head in
+``config.segment.heads``, every label fraction and seed, one model is trained for
+``config.segment.steps`` steps and evaluated once on the test split and on val (nothing
+is selected on either; val also draws the training curves). A fraction of 1 runs once
+(every seed would draw the same patients). A frozen backbone's tokens are computed
+once per init and split, unaugmented, and only the head trains on them; a fine-tuned
+backbone (decoder with ``backbone_lr_mult > 0``) runs on augmented batches (random
+resized crop and flip of image and mask together). With ``classification_weight > 0``
+a classification head on concat(CLS, mean patch token) trains jointly (multi-task).
+
+Outputs in the workdir: results.json (every figure, the rules used, the checkpoint
+record), results.md (the table), overlays_<init>_<head>.png and predictions/ (a few
+test cases), training_curves.png, few_label.png (several fractions), and the trained
+heads (with the backbone when it was fine-tuned) under models/<run>/checkpoints.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from medjax import metrics
+from medjax.checkpoint import Checkpointer, content_hash, tree_fingerprint
+from medjax.data.fractions import summarise
+from medjax.train import segment_eval as se
+from medjax.train import segment_model as sm
+from medjax.train import segment_report as sr
+from medjax.train.probe_data import check_backbone_shapes, checkpoint_steps, load_run
+from medjax.train.segment_config import validate_segment_config
+from medjax.train.segment_data import augment, few_label_indices, load_data
+from medjax.train.ssl_model import build_models, init_params
+
+
+def load_backbones(config, say=print):
+    """(backbone module, {init name: (params, record)}, (mean, std), default input size, run dir)."""
+    s = config.segment
+    if s.official_weights:
+        from medjax.models import convert  # lazily: only this path needs it
+
+        if not os.path.exists(s.official_weights):
+            raise FileNotFoundError(f"config.segment.official_weights={s.official_weights!r} does not exist; give "
+                                    "the path of a .pth, .npz or .safetensors file of official DINOv2 weights.")
+        size = s.image_size or 224
+        backbone, params = convert.load_official(s.official_weights, img_size=size, in_chans=1,
+                                                 drop_path_rate=s.drop_path_rate)
+        inits = {"official": (params, {"path": os.path.abspath(s.official_weights),
+                                       "content_hash": content_hash(params)})}
+
+        def random():
+            return sm.init_fn(backbone)(jax.random.PRNGKey(config.seed), jnp.zeros((1, size, size, 1)))["params"]
+
+        norm, run_dir = (convert.GRAY_MEAN, convert.GRAY_STD), ""
+    else:
+        run_dir = s.checkpoint_dir
+        if not os.path.isdir(os.path.join(run_dir, "checkpoints")):
+            raise FileNotFoundError(f"config.segment.checkpoint_dir={run_dir!r} holds no checkpoints/ folder; set it "
+                                    "to the --workdir of a pretraining run.")
+        steps = checkpoint_steps(run_dir)
+        run_config, params, step = load_run(run_dir, s.step)
+        where = os.path.join(os.path.abspath(run_dir), "checkpoints", str(step))
+        latest = step == steps[-1]
+        if not latest:
+            say(f"WARNING: segmenting with step {step}, which is NOT the latest checkpoint of {run_dir} (latest: "
+                f"{steps[-1]}); the results describe an earlier backbone than the run's final one.")
+        with run_config.unlocked():
+            run_config.model.drop_path_rate = s.drop_path_rate
+        models = build_models(run_config)
+        check_backbone_shapes(models, params, run_config, where)
+        backbone = models.backbone
+        inits = {"pretrained": (params, {"path": where, "step": step, "latest": latest, "latest_step": steps[-1],
+                                         "content_hash": content_hash(params)})}
+
+        def random():  # the pretraining run's own initialisation from this seed (jitted: eager init is slow)
+            return jax.jit(lambda key: init_params(models, key, run_config)["backbone"])(
+                jax.random.PRNGKey(config.seed))
+
+        norm, size = (run_config.crops.mean[0], run_config.crops.std[0]), run_config.crops.global_size
+    if s.random_baseline:
+        params = random()
+        inits = {"random_init": (params, {"seed": config.seed, "content_hash": content_hash(params)}), **inits}
+    return backbone, inits, norm, s.image_size or size, run_dir
+
+
+def embed_splits(backbone, params, splits: dict, n_last_blocks: int, batch: int) -> dict:
+    """{split: {"patch": (N, h, w, F), "pooled": (N, 2D)}} of a frozen backbone, as numpy."""
+    fn = sm.tokens_fn(backbone, n_last_blocks)
+    out = {}
+    for name, split in splits.items():
+        parts = []
+        for i in range(0, len(split), batch):
+            x = split.images[i:i + batch]
+            pad = batch - len(x)
+            if pad:
+                x = np.concatenate([x, np.zeros((pad,) + x.shape[1:], x.dtype)])
+            parts.append({k: v[:batch - pad] for k, v in jax.device_get(fn(params, x)).items()})
+        out[name] = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    return out
+
+
+def _stats(feats: dict | None, patch_dim: int, pooled_dim: int, labels: np.ndarray, num_cls: int) -> dict:
+    """Fixed (untrained) inputs of the heads: per-channel standardisation of frozen tokens (the training
+    subset's mean and std; identity for a fine-tuned backbone) and the classification class weights
+    (n / (classes present * n_c), 0 for a class absent from the subset)."""
+    counts = np.bincount(np.maximum(labels, 0), minlength=max(num_cls, 1))[: max(num_cls, 1)].astype(np.float64)
+    present = max(int((counts > 0).sum()), 1)
+    weights = np.where(counts > 0, counts.sum() / (present * np.maximum(counts, 1)), 0.0)
+    out = {"cls_weights": jnp.asarray(weights, jnp.float32)}
+    if feats is None:
+        return {**out, "patch_mean": jnp.zeros(patch_dim), "patch_std": jnp.ones(patch_dim),
+                "pooled_mean": jnp.zeros(pooled_dim), "pooled_std": jnp.ones(pooled_dim)}
+    p = feats["patch"].reshape(-1, patch_dim)
+    return {**out, "patch_mean": jnp.asarray(p.mean(0)), "patch_std": jnp.asarray(p.std(0) + 1e-6),
+            "pooled_mean": jnp.asarray(feats["pooled"].mean(0)),
+            "pooled_std": jnp.asarray(feats["pooled"].std(0) + 1e-6)}
+
+
+def _log_prior(labels: np.ndarray, num_classes: int) -> jax.Array:
+    """Classifier bias = log class frequency in the training labels, so training starts from the prior
+    (a lesion covering 0.2 % of the pixels would otherwise take thousands of Adam steps to reach)."""
+    freq = np.bincount(np.asarray(labels).ravel(), minlength=num_classes)[:num_classes] / np.asarray(labels).size
+    return jnp.asarray(np.log(np.maximum(freq, 1e-4)), jnp.float32)
+
+
+def _init_params(spec, train, backbone_params, seed: int, num_cls: int) -> dict:
+    """Head (and classification head) params, classifier biases at the log class prior; plus a copy of the
+    backbone when it is fine-tuned (the train step donates its params)."""
+    d = spec.backbone.embed_dim
+    # Head inits draw from an "rbg" key: XLA on CPU compiles threefry's normal draws for seconds each.
+    key_head, key_cls = jax.random.split(jax.random.key(seed, impl="rbg"))
+    gh = train.images.shape[1] // spec.backbone.patch_size
+    dummy_patch = jnp.zeros((1, gh, gh, spec.n_last_blocks * d))
+    params = {"head": sm.init_fn(spec.head)(key_head, dummy_patch, jnp.asarray(train.images[:1]))["params"]}
+    params["head"]["classifier"]["bias"] = _log_prior(train.masks, spec.num_classes)
+    if spec.cls_head is not None:
+        params["cls_head"] = sm.init_fn(spec.cls_head)(key_cls, jnp.zeros((1, 2 * d)))["params"]
+        params["cls_head"]["classifier"]["bias"] = _log_prior(train.labels, num_cls)
+    if not spec.frozen:
+        params["backbone"] = jax.tree.map(jnp.array, backbone_params)
+    return params
+
+
+def _batches(spec, train, train_feats, s, rng: np.random.Generator):
+    """Training batches, consecutive slices of per-epoch permutations (one size: one compile). Frozen:
+    gathered on the device from the cached tokens; fine-tuned: augmented on the host."""
+    n = len(train)
+    batch = min(s.batch_size, n)
+    labels = np.maximum(train.labels, 0).astype(np.int32)
+    if spec.frozen:
+        device = {"images": jnp.asarray(train.images), "masks": jnp.asarray(train.masks, jnp.int32),
+                  **{k: jnp.asarray(v) for k, v in train_feats.items()}}
+        if spec.cls_head is not None:
+            device["labels"] = jnp.asarray(labels)
+    order, pos = rng.permutation(n), 0
+    while True:
+        if pos + batch > n:
+            order, pos = rng.permutation(n), 0
+        idx = order[pos:pos + batch]
+        pos += batch
+        if spec.frozen:
+            yield {k: v[jnp.asarray(idx)] for k, v in device.items()}
+            continue
+        x, m = augment(train.images[idx], train.masks[idx], rng, flip_p=s.flip_p, crop_scale=s.crop_scale)
+        b = {"images": x, "masks": m.astype(np.int32)}
+        if spec.cls_head is not None:
+            b["labels"] = labels[idx]
+        yield b
+
+
+def train_one(spec, opt, backbone_params, train, train_feats, val, val_feats, s, seed: int, num_cls: int, say):
+    """Trains one model for ``s.steps`` steps; returns (params, stats, history of train loss and val Dice)."""
+    d = spec.backbone.embed_dim
+    stats = _stats(train_feats, spec.n_last_blocks * d, 2 * d, train.labels, num_cls)
+    params = _init_params(spec, train, backbone_params, seed, num_cls)
+    step_fn, opt_init = sm.train_step_fn(spec, opt, tuple(sorted(params)))
+    opt_state = opt_init(params)
+    key_steps = jax.random.PRNGKey(seed)  # drop path while fine-tuning
+    batches = _batches(spec, train, train_feats, s, np.random.default_rng([seed, 0x5E6]))
+    history, losses = [], []
+    for step in range(s.steps):
+        params, opt_state, parts = step_fn(params, opt_state, stats, next(batches), jax.random.fold_in(key_steps, step))
+        losses.append(parts["loss"])
+        if (step + 1) % s.eval_every == 0 or step + 1 == s.steps:
+            loss = float(np.mean(jax.device_get(losses)))
+            if not np.isfinite(loss):
+                raise ValueError(f"The training loss became {loss} at step {step + 1}; lower config.segment.lr.")
+            dice = se.input_size_dice(spec, params, stats, val, val_feats, s.eval_batch, spec.num_classes)
+            history.append({"step": step + 1, "train_loss": loss, "val_dice": dice})
+            say(f"    step {step + 1}/{s.steps}: loss {loss:.4f}, val Dice {dice:.3f}")
+            losses = []
+    return params, stats, history
+
+
+def run(config, workdir: str) -> dict:
+    validate_segment_config(config)
+    s = config.segment
+    backbone, inits, (mean, std), size, run_dir = load_backbones(config)
+    if size % backbone.patch_size:
+        raise ValueError(f"config.segment.image_size={size} is not a multiple of the patch size "
+                         f"{backbone.patch_size}; choose e.g. {size // backbone.patch_size * backbone.patch_size}.")
+    if s.n_last_blocks > backbone.depth:
+        raise ValueError(f"config.segment.n_last_blocks={s.n_last_blocks} exceeds the backbone's {backbone.depth} "
+                         "blocks.")
+    splits, info = load_data(config, workdir, run_dir, size=size, mean=mean, std=std)
+    names = tuple(s.class_names)
+    cls_names = info["classification_classes"]
+    print(f"segment: {info['task']}; classes {', '.join(names)}; input {size} px; " + ", ".join(
+        f"{len(sp)} {k} slices of {len(set(sp.patients.tolist()))} patients" for k, sp in splits.items()), flush=True)
+    opt = sm.OptSpec(s.lr, s.backbone_lr_mult, s.weight_decay, s.warmup_steps, s.steps)
+    results = {"task": info["task"], "class_names": list(names), "classification_classes": cls_names,
+               "empty_rule": s.empty_rule, "hd95_unit": info["hd95_unit"], "rules": RULES[s.empty_rule],
+               "spacing_assumed_for": info["spacing_assumed_for"], "manifest": info["manifest"],
+               "input_size": size, "run_dir": os.path.abspath(run_dir) if run_dir else "",
+               "config": json.loads(config.to_json_best_effort()), "inits": {}, "runs": []}
+    for init, (params, record) in inits.items():
+        results["inits"][init] = record
+        feats = None
+        for head in s.heads:
+            frozen = head == "linear" or s.backbone_lr_mult == 0
+            if frozen and feats is None:
+                print(f"{init}: computing the frozen backbone's tokens of {sum(map(len, splits.values()))} slices ...",
+                      flush=True)
+                feats = embed_splits(backbone, params, splits, s.n_last_blocks, s.eval_batch)
+            spec = sm.SegSpec(backbone, sm.build_head(head, len(names), s.decoder_channels, s.image_skip),
+                              sm.ClassifierHead(len(cls_names)) if s.classification_weight > 0 else None,
+                              s.n_last_blocks, len(names), s.dice_weight, s.ce_weight, s.classification_weight, frozen)
+            for fraction in s.label_fractions:
+                # The whole training set is the same subset for every seed: one run.
+                for seed in (s.fraction_seeds if fraction < 1 else s.fraction_seeds[:1]):
+                    r = _one_run(spec, opt, params, init, head, fraction, seed, splits, feats, s, cls_names, workdir,
+                                 record, overlays=fraction == max(s.label_fractions) and seed == s.fraction_seeds[0])
+                    results["runs"].append(r)
+    results["summary"] = _summary(results["runs"], names)
+    with open(os.path.join(workdir, "results.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    table = sr.markdown(results)
+    with open(os.path.join(workdir, "results.md"), "w") as f:
+        f.write(f"# Segmentation{' and classification' if cls_names else ''}\n\nTask: {info['task']}. Input "
+                f"{size} px; {s.steps} steps per run; metrics on the test split at each scan's own resolution. "
+                f"{RULES[s.empty_rule]}\n\n{table}")
+    sr.plot_curves(results, os.path.join(workdir, "training_curves.png"))
+    if len(s.label_fractions) > 1:
+        sr.plot_fractions(results, os.path.join(workdir, "few_label.png"))
+    print(table, flush=True)
+    return results
+
+
+RULES = {rule: ("Dice per foreground class (background excluded); a prediction where the ground truth is empty "
+                "scores 0; ground truth and prediction both empty: "
+                + ("left out of the mean (NaN)" if rule == "nan" else "counted as 1.0")
+                + ". Per patient = mean over its volumes (slices stacked); mean ± std over patients (n). HD95: "
+                "95th-percentile symmetric surface distance with the voxel spacing; both empty left out, one empty "
+                "= inf (counted, not averaged).") for rule in ("nan", "one")}
+
+
+def _one_run(spec, opt, params, init, head, fraction, seed, splits, feats, s, cls_names, workdir, record, *,
+             overlays: bool) -> dict:
+    start = time.perf_counter()
+    classify = spec.cls_head is not None
+    idx = few_label_indices(splits["train"], fraction, seed, classify)
+    train = splits["train"].subset(idx)
+    patients = len(set(train.patients.tolist()))
+    mode = "frozen" if spec.frozen else "fine-tuned"
+    print(f"{init} / {head} ({mode} backbone), fraction {fraction:g}, seed {seed}: {patients} patients, "
+          f"{len(train)} slices", flush=True)
+    train_feats = {k: v[idx] for k, v in feats["train"].items()} if spec.frozen else None
+    val_feats, test_feats = (feats["val"], feats["test"]) if spec.frozen else (None, None)
+    trained, stats, history = train_one(spec, opt, params, train, train_feats, splits["val"], val_feats, s, seed,
+                                        len(cls_names), say=lambda m: print(m, flush=True))
+    test = splits["test"]
+    native, probs = se.predict(spec, trained, stats, test, test_feats, s.eval_batch)
+    names = [str(n) for n in s.class_names]
+    levels = se.evaluate(native, test, len(names), s.empty_rule)
+    result = {"init": init, "head": head, "backbone": mode, "fraction": fraction, "seed": seed,
+              "train_patients": patients, "train_slices": len(train), "steps": s.steps,
+              "test": se.summarise(levels, names), "per_case": se.per_case_table(levels, names), "history": history}
+    # Val at the scans' resolution too: more patients than test on small datasets (never used to select).
+    val_native, _ = se.predict(spec, trained, stats, splits["val"], val_feats, s.eval_batch)
+    result["val"] = se.summarise(se.evaluate(val_native, splits["val"], len(names), s.empty_rule), names)
+    if classify:
+        pred = probs.argmax(-1)
+        result["classification"] = metrics.classification_report(test.labels, pred, probs, cls_names)
+    name = f"{init}_{head}_f{fraction:g}_s{seed}"
+    state = {"params": trained, "stats": stats}
+    ckpt = Checkpointer(os.path.join(workdir, "models", name), async_save=False)
+    ckpt.save(s.steps, state, None, {"fingerprint": tree_fingerprint(state), "init": record,
+                                     "head": head, "backbone": mode, "fraction": fraction, "seed": seed})
+    ckpt.close()
+    if overlays:
+        cases = sr.pick_cases(test, s.overlay_cases, score=np.nan_to_num(levels["slice"]["dice"], nan=-1.0).max(axis=1))
+        slice_dice = {c: levels["slice"]["dice"][c] for c in cases}
+        sr.save_overlays(os.path.join(workdir, f"overlays_{init}_{head}.png"), test, native, cases, names,
+                         f"{init} / {head}, test", dice_of=slice_dice.get)
+        sr.save_predictions(os.path.join(workdir, "predictions", f"{init}_{head}"), test, native, cases, len(names))
+    result["minutes"] = (time.perf_counter() - start) / 60
+    t = result["test"]["patient"]["classes"]
+    print(f"  test Dice per patient: " + ", ".join(f"{n} {v['dice_mean']:.3f} ± {v['dice_std']:.3f}"
+                                                   for n, v in t.items())
+          + (f"; accuracy {result['classification']['accuracy']:.3f}" if classify else "")
+          + f" ({result['minutes']:.1f} min)", flush=True)
+    return result
+
+
+def _summary(runs: list, names) -> list:
+    """Mean ± std over the seeds of each (init, head, fraction) of the per-patient test Dice (and accuracy)."""
+    groups: dict = {}
+    for r in runs:
+        groups.setdefault((r["init"], r["head"], r["fraction"]), []).append(r)
+    out = []
+    for (init, head, fraction), rs in groups.items():
+        g = {"init": init, "head": head, "fraction": fraction, "runs": len(rs), "dice_patient": {}}
+        for n in names[1:]:
+            g["dice_patient"][n] = summarise([r["test"]["patient"]["classes"][n]["dice_mean"] for r in rs])
+            g.setdefault("val_dice_patient", {})[n] = summarise([r["val"]["patient"]["classes"][n]["dice_mean"]
+                                                                 for r in rs])
+        if rs[0].get("classification"):
+            g["accuracy"] = summarise([r["classification"]["accuracy"] for r in rs])
+            g["balanced_accuracy"] = summarise([r["classification"]["balanced_accuracy"] for r in rs])
+        out.append(g)
+    return out

@@ -1,0 +1,147 @@
+"""The segmentation (and multi-task) trainer's config: ``configs/segment.py`` and ``configs/multitask.py``.
+
+Both files are thin: ``segment_config(variant, multitask=...)`` sets every key,
+and ``validate_segment_config`` names the first bad value in one sentence.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from medjax.train.pretrain_config import recipe, use_demo_data_of_demo_variant
+
+VARIANTS = ("", "demo", "smoke")
+HEADS = ("linear", "decoder")
+EMPTY_RULES = ("nan", "one")
+
+
+def segment_config(variant: str = "", *, multitask: bool = False, config_file: str = "configs/segment.py"):
+    variant = variant or ""
+    if variant not in VARIANTS:
+        raise ValueError(f"Unknown variant {variant!r} of {config_file}; choose demo or smoke (or none).")
+    c = ml_collections.ConfigDict()
+    c.mode = "segment"
+    c.seed = 0
+
+    s = c.segment = ml_collections.ConfigDict()
+    # Where the backbone comes from: a medjax pretraining run, or official DINOv2 weights.
+    s.checkpoint_dir = ""  # the --workdir of a pretraining run (holds checkpoints/)
+    s.step = -1  # checkpoint step; -1 = the latest
+    s.official_weights = ""  # or: a .pth/.npz/.safetensors file of official DINOv2 weights
+    s.random_baseline = True  # also train from a randomly initialised backbone of the same architecture
+    # Data: a manifest whose rows have a mask_path; empty = the built-in demo dataset (lesion masks).
+    s.manifest = ""
+    s.class_names = ("background", "lesion")  # mask label value i is class_names[i]; 0 is background
+    s.image_size = 0  # model input (square); 0 = the pretraining run's global crop size
+    s.assumed_spacing_mm = ()  # (row, col) mm for 2D images whose files carry no pixel spacing (PNG/JPEG)
+    # Heads: "linear" = DINOv2's linear segmentation (frozen backbone, 1x1 classifier on the patch
+    # tokens, logits upsampled bilinearly); "decoder" = progressive upsampling conv decoder.
+    s.heads = ("decoder",)
+    s.n_last_blocks = 1  # patch tokens of the last n blocks (normed), concatenated
+    s.decoder_channels = (128, 64, 32)  # one x2 upsampling + 3x3 conv stage per entry, the last at half size
+    s.image_skip = True  # the decoder also sees the input image at every stage
+    s.backbone_lr_mult = 0.0  # decoder only: 0 = frozen backbone (tokens computed once); > 0 = fine-tuned
+    s.drop_path_rate = 0.0  # backbone drop path while fine-tuning
+    # Loss: dice_weight * soft Dice (per class, background excluded) + ce_weight * cross-entropy,
+    # + classification_weight * cross-entropy of the classification head (multi-task; 0 = off).
+    s.dice_weight = 1.0
+    s.ce_weight = 1.0
+    s.classification_weight = 0.0
+    s.label_column = ""  # the classification target; with the demo, empty = lesion class shown on the slice
+    # Optimisation: AdamW, linear warm-up then cosine decay, a fixed number of steps for every fraction.
+    s.steps = 2000
+    s.batch_size = 32
+    s.lr = 1e-3
+    s.warmup_steps = 100
+    s.weight_decay = 1e-4
+    s.eval_every = 200  # steps between val evaluations (training curves)
+    # Augmentation (fine-tuned backbone only; frozen tokens are computed once, unaugmented).
+    s.flip_p = 0.5  # horizontal flip of image and mask together
+    s.crop_scale = (0.6, 1.0)  # random resized crop area range of image and mask (nearest); (1, 1) = off
+    # Metrics: Dice per class, background excluded. Ground truth and prediction both empty:
+    # "nan" = the case is left out of the mean (MONAI), "one" = it counts as a perfect 1.0.
+    s.empty_rule = "nan"
+    # Few labels: train on this fraction of the training patients (whole patients), one run per seed.
+    s.label_fractions = (1.0,)
+    s.fraction_seeds = (0,)
+    s.eval_batch = 64
+    s.overlay_cases = 4  # test cases drawn as overlays (and saved as prediction PNGs) per init and head
+
+    c.data = recipe(registers=4).data  # same keys and meaning as the pretraining config's data section
+    if multitask:
+        s.classification_weight = 0.5
+        s.backbone_lr_mult = 0.1  # one backbone shared by both heads only when it is trained
+    if variant == "demo":
+        use_demo_data_of_demo_variant(c.data)
+        s.decoder_channels = (32, 16, 8)
+        s.batch_size = 16
+        s.eval_every = 100
+        if multitask:
+            s.steps = 150
+            s.lr = 1e-3
+            s.warmup_steps = 15
+            s.eval_every = 50
+        else:
+            s.heads = ("linear", "decoder")
+            s.steps = 300
+            s.lr = 3e-3
+            s.warmup_steps = 20
+            s.label_fractions = (0.1, 1.0)
+            s.fraction_seeds = (0, 1)
+    elif variant == "smoke":
+        s.heads = ("decoder",) if multitask else ("linear", "decoder")
+        s.decoder_channels = (16, 8)
+        s.steps = 6
+        s.warmup_steps = 2
+        s.batch_size = 8
+        s.eval_every = 3
+        s.eval_batch = 32
+        s.overlay_cases = 2
+        s.label_fractions = (1.0,) if multitask else (0.5, 1.0)
+        c.data.demo_patients = 12
+        c.data.demo_slices = 8
+        c.data.demo_image_size = 48
+        c.data.num_workers = 0
+    return c
+
+
+def validate_segment_config(config) -> None:
+    """One sentence naming the first bad value."""
+    s = config.segment
+    if bool(s.checkpoint_dir) == bool(s.official_weights):
+        raise ValueError("Set exactly one of config.segment.checkpoint_dir (the --workdir of a pretraining run) "
+                         "and config.segment.official_weights (a file of official DINOv2 weights).")
+    if len(s.class_names) < 2 or len(set(s.class_names)) != len(s.class_names):
+        raise ValueError(f"config.segment.class_names={tuple(s.class_names)} must name background and at least "
+                         "one structure, each once (mask value i is class_names[i]).")
+    if not s.heads or any(h not in HEADS for h in s.heads) or len(set(s.heads)) != len(s.heads):
+        raise ValueError(f"config.segment.heads={tuple(s.heads)} must list one or more of {', '.join(HEADS)}, "
+                         "each once.")
+    if s.empty_rule not in EMPTY_RULES:
+        raise ValueError(f"config.segment.empty_rule={s.empty_rule!r} is not valid; choose nan (both-empty cases "
+                         "left out) or one (counted as 1.0).")
+    for key in ("steps", "batch_size", "eval_every", "eval_batch", "n_last_blocks"):
+        if s[key] <= 0:
+            raise ValueError(f"config.segment.{key}={s[key]!r} must be a positive number.")
+    for key in ("lr", "dice_weight", "ce_weight", "classification_weight", "backbone_lr_mult", "weight_decay",
+                "warmup_steps", "drop_path_rate", "image_size", "overlay_cases"):
+        if s[key] < 0:
+            raise ValueError(f"config.segment.{key}={s[key]!r} must be 0 or more.")
+    if s.dice_weight + s.ce_weight <= 0:
+        raise ValueError("config.segment.dice_weight and ce_weight are both 0; the segmentation needs a loss.")
+    if not s.decoder_channels or min(s.decoder_channels) <= 0:
+        raise ValueError(f"config.segment.decoder_channels={tuple(s.decoder_channels)} must be positive "
+                         "channel counts, one per upsampling stage.")
+    if not 0.0 <= s.flip_p <= 1.0:
+        raise ValueError(f"config.segment.flip_p={s.flip_p!r} must lie in [0, 1].")
+    if len(s.crop_scale) != 2 or not 0.0 < s.crop_scale[0] <= s.crop_scale[1] <= 1.0:
+        raise ValueError(f"config.segment.crop_scale={tuple(s.crop_scale)} must be (low, high) with "
+                         "0 < low <= high <= 1.")
+    if not s.label_fractions or any(not 0.0 < f <= 1.0 for f in s.label_fractions):
+        raise ValueError(f"config.segment.label_fractions={tuple(s.label_fractions)} must hold fractions in "
+                         "(0, 1], e.g. (0.1, 1.0).")
+    if not s.fraction_seeds:
+        raise ValueError("config.segment.fraction_seeds is empty; give at least one seed, e.g. (0,).")
+    if s.assumed_spacing_mm and (len(s.assumed_spacing_mm) != 2 or min(s.assumed_spacing_mm) <= 0):
+        raise ValueError(f"config.segment.assumed_spacing_mm={tuple(s.assumed_spacing_mm)} must be empty or "
+                         "(row, col) millimetres.")
