@@ -156,15 +156,21 @@ def _intensity(x: np.ndarray, cfg: MultiCropConfig, blur_p: float, rng: np.rando
     return x
 
 
-def _one_crop(planes, hw, size, scale, blur_p, cfg, rng, mean, inv_std):
-    box = crop_box(hw[0], hw[1], scale, cfg.ratio, rng)
-    x = _resize_box(planes, box, size)
+def finish_crop(x: np.ndarray, cfg: MultiCropConfig, blur_p: float, rng: np.random.Generator, mean,
+                inv_std) -> np.ndarray:
+    """A resized crop (channels last, values in [0, 1]) -> flipped left-right with ``cfg.flip_p``,
+    photometrically augmented, repeated to ``cfg.channels`` and normalised; 2D slices and 3D volumes."""
     if rng.random() < cfg.flip_p:
-        x = x[:, ::-1]
+        x = np.flip(x, axis=-2)  # the width axis of (H, W, C) and of (D, H, W, C)
     x = _intensity(x, cfg, blur_p, rng)
     if cfg.channels is not None and x.shape[-1] != cfg.channels:
         x = np.repeat(x, cfg.channels, axis=-1)
     return np.ascontiguousarray((x - mean) * inv_std, dtype=np.float32)
+
+
+def _one_crop(planes, hw, size, scale, blur_p, cfg, rng, mean, inv_std):
+    box = crop_box(hw[0], hw[1], scale, cfg.ratio, rng)
+    return finish_crop(_resize_box(planes, box, size), cfg, blur_p, rng, mean, inv_std)
 
 
 def _as_hwc(image) -> np.ndarray:

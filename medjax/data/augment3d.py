@@ -33,7 +33,7 @@ import math
 import numpy as np
 from scipy import ndimage
 
-from medjax.data.augment import MultiCropConfig, _intensity
+from medjax.data.augment import MultiCropConfig, finish_crop
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,13 +77,7 @@ def _resize_box(x: np.ndarray, box, size: int) -> np.ndarray:
 
 def _one_crop(x, size, scale, blur_p, cfg, rng, mean, inv_std):
     box = crop_box_3d(x.shape, scale, cfg.ratio, rng)
-    v = _resize_box(x, box, size)
-    if rng.random() < cfg.flip_p:
-        v = v[:, :, ::-1]
-    v = _intensity(v, cfg, blur_p, rng)
-    if cfg.channels is not None and v.shape[-1] != cfg.channels:
-        v = np.repeat(v, cfg.channels, axis=-1)
-    return np.ascontiguousarray((v - mean) * inv_std, dtype=np.float32)
+    return finish_crop(_resize_box(x, box, size), cfg, blur_p, rng, mean, inv_std)
 
 
 def _as_dhwc(volume) -> np.ndarray:

@@ -105,19 +105,25 @@ def slice_source(config, manifest_path: str, split: str, *, label_columns=(), ex
     return index
 
 
+def pretrain_manifest(config, workdir: str, say=None) -> tuple[str, tuple[str, ...]]:
+    """``(manifest path, columns to accept besides the known ones)`` to pretrain from: the config's
+    manifest, or the demo dataset's (written first if needed)."""
+    if not config.data.manifest:
+        return demo_manifest(config, workdir, say), DEMO_COLUMNS
+    if not os.path.exists(config.data.manifest):
+        raise FileNotFoundError(f"config.data.manifest={config.data.manifest!r} does not exist; give the path "
+                                "of a CSV manifest (columns patient_id, path, split, ...).")
+    return config.data.manifest, ()
+
+
 def pretrain_source(config, workdir: str, say=None):
     """The records to pretrain on: the training split of the manifest (or of the demo dataset's)."""
     if config.model.spatial_dims == 3:  # whole volumes (medjax/train/pretrain_data3d.py)
         from medjax.train.pretrain_data3d import volume_pretrain_source
 
         return volume_pretrain_source(config, workdir, say)
-    if not config.data.manifest:
-        return slice_source(config, demo_manifest(config, workdir, say), "train", extra_columns=DEMO_COLUMNS,
-                            say=say)
-    if not os.path.exists(config.data.manifest):
-        raise FileNotFoundError(f"config.data.manifest={config.data.manifest!r} does not exist; give the path "
-                                "of a CSV manifest (columns patient_id, path, split, ...).")
-    return slice_source(config, config.data.manifest, "train", say=say)
+    manifest, extra = pretrain_manifest(config, workdir, say)
+    return slice_source(config, manifest, "train", extra_columns=extra, say=say)
 
 
 def pretrain_iterator(config, source, batch_size: int, *, num_workers: int | None = None,

@@ -15,13 +15,12 @@ axis the random flip mirrors.
 from __future__ import annotations
 
 import json
-import os
 
 import numpy as np
 
 from medjax.data.manifest import load_manifest
 from medjax.data.slices import VolumeIndex
-from medjax.train.pretrain_data import DEMO_COLUMNS, demo_manifest
+from medjax.train.pretrain_data import pretrain_manifest
 
 
 def axial_dhw(volume: np.ndarray) -> np.ndarray:
@@ -71,10 +70,5 @@ def volume_source(config, manifest_path: str, split: str, *, extra_columns=(), s
 
 def volume_pretrain_source(config, workdir: str, say=None) -> AxialVolumes:
     """The volumes to pretrain on: the training split of the manifest (or of the demo dataset's)."""
-    if not config.data.manifest:
-        return volume_source(config, demo_manifest(config, workdir, say), "train", extra_columns=DEMO_COLUMNS,
-                             say=say)
-    if not os.path.exists(config.data.manifest):
-        raise FileNotFoundError(f"config.data.manifest={config.data.manifest!r} does not exist; give the path "
-                                "of a CSV manifest (columns patient_id, path, split, ...).")
-    return volume_source(config, config.data.manifest, "train", say=say)
+    manifest, extra = pretrain_manifest(config, workdir, say)
+    return volume_source(config, manifest, "train", extra_columns=extra, say=say)
