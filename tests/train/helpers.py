@@ -11,6 +11,13 @@ def smoke_config(registers: int = 4, **model_overrides):
     return config
 
 
+def smoke_config_3d(registers: int = 4):
+    """The ``configs/dinov2_reg_3d.py:smoke`` pretraining config (a 3D ViT, patch 6, 24^3 global crops)."""
+    from medjax.train.pretrain_config3d import apply_variant_3d, recipe_3d
+
+    return apply_variant_3d(recipe_3d(registers=registers), "smoke", "configs/dinov2_reg_3d.py")
+
+
 def write_pretraining_checkpoints(workdir, config, steps=(1, 2)):
     """Checkpoints in a pretraining run's format (train state with the teacher backbone, and the run's
     config in ``meta``) with different random weights per step, written directly: what the evaluation
