@@ -13,9 +13,11 @@ Layout under `out_dir` (paths in the manifest are relative to it):
   dicom/<patient>/<contrast>/IM_####.dcm   one folder per series, numbering shuffled
   nifti/<patient>_<contrast>.nii.gz        the same series, int16 with scl_slope, RAS affine
   masks/<patient>_lesion.nii.gz            uint8 lesion mask (1 inside the lesion), same grid
+  masks/<patient>_tissue.nii.gz            uint8 tissue labels (TISSUE_CLASSES), same grid
   manifest_dicom.csv, manifest_nifti.csv    one per format: patient_id, path, split, lesion,
-                                           contrast, series_description, mask_path
+                                           contrast, series_description, mask_path (lesion)
   manifest.csv                             a copy of the first format's (DICOM by default)
+  manifest_tissue.csv                      manifest.csv with mask_path pointing at the tissue labels
 
 Pixel data is a function of (seed, patient index) only, so two writes with the
 same seed give byte-identical pixel data (and, for DICOM, identical files: the
@@ -37,6 +39,10 @@ import numpy as np
 from medjax.data.demo_anatomy import CONTRASTS, synthesize_subject
 
 LESION_CLASSES = ("none", "round", "ring", "diffuse")  # the `lesion` column holds the index into this
+# Bumped when the files written change (2: tissue label maps), so an older demo folder is rewritten.
+DEMO_LAYOUT_VERSION = 2
+# Values of the tissue label maps: the brain-tissue segmentation task (as FAST or SynthSeg label MR).
+TISSUE_CLASSES = ("background", "csf", "grey_matter", "white_matter", "lesion")
 SPLITS = ("train", "val", "test")
 FORMATS = ("dicom", "nifti")
 MANIFEST_COLUMNS = ("patient_id", "path", "split", "lesion", "contrast", "series_description", "mask_path")
@@ -67,6 +73,20 @@ def assign_patients(num_patients: int, seed: int):
         for rank, p in enumerate(members):
             splits[p] = "val" if rank < n_val else "test" if rank < n_val + n_test else "train"
     return labels, splits
+
+
+def tissue_labels(fractions: dict, lesion_mask: np.ndarray) -> np.ndarray:
+    """Each voxel's majority tissue (index into TISSUE_CLASSES); the lesion mask's voxels are ``lesion``.
+
+    Background is what is not brain or CSF: skull, scalp, air. Oedema counts as the white matter it
+    swells (the lesion label is the tumour itself, as in the lesion mask).
+    """
+    csf, gm = fractions["csf"], fractions["gm"]
+    wm = fractions["wm"] + fractions["lesion"]
+    background = np.clip(1.0 - csf - gm - wm, 0.0, None)
+    labels = np.argmax(np.stack([background, csf, gm, wm]), axis=0).astype(np.uint8)
+    labels[lesion_mask > 0] = TISSUE_CLASSES.index("lesion")
+    return labels
 
 
 def _quantise(volume: np.ndarray):
@@ -192,6 +212,8 @@ def write_demo_dataset(out_dir: str, *, num_patients: int = 24, seed: int = 0, i
         subj = synthesize_subject(seed, p, label, image_size=image_size, slices=slices, contrasts=contrasts)
         mask_rel = f"masks/{pid}_lesion.nii.gz"
         _write_nifti(os.path.join(out_dir, mask_rel), subj.mask, subj.geometry.affine, None, "lesion mask")
+        _write_nifti(os.path.join(out_dir, _tissue_path(pid)), tissue_labels(subj.fractions, subj.mask),
+                     subj.geometry.affine, None, "tissue labels")
         date = (datetime.date(2024, 1, 1) + datetime.timedelta(days=(seed * 37 + p * 11) % 365)).strftime("%Y%m%d")
         study_uid = _uid(seed, pid, "study")
         for number, c in enumerate(contrasts, start=1):
@@ -215,8 +237,14 @@ def write_demo_dataset(out_dir: str, *, num_patients: int = 24, seed: int = 0, i
     for fmt in formats:
         _write_manifest(os.path.join(out_dir, f"manifest_{fmt}.csv"), [r for r in rows if r[1].startswith(fmt)])
     path = os.path.join(out_dir, "manifest.csv")
-    _write_manifest(path, [r for r in rows if r[1].startswith(formats[0])])
+    first = [r for r in rows if r[1].startswith(formats[0])]
+    _write_manifest(path, first)
+    _write_manifest(os.path.join(out_dir, "manifest_tissue.csv"), [r[:-1] + (_tissue_path(r[0]),) for r in first])
     return path
+
+
+def _tissue_path(pid: str) -> str:
+    return f"masks/{pid}_tissue.nii.gz"
 
 
 def _write_manifest(path: str, rows) -> None:

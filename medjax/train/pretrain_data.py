@@ -25,7 +25,7 @@ from medjax.data import pipeline
 from medjax.data.augment import MultiCropConfig
 from medjax.data.augment3d import MultiCrop3DConfig
 from medjax.data.cache import CachedRecords, cache_is_valid, write_cache
-from medjax.data.demo import write_demo_dataset
+from medjax.data.demo import DEMO_LAYOUT_VERSION, write_demo_dataset
 from medjax.data.manifest import load_manifest
 from medjax.data.slices import SliceIndex
 
@@ -46,15 +46,30 @@ def crop_config(config) -> MultiCropConfig:
         raise ValueError(f"config.crops is not valid: {e}") from None
 
 
+def demo_fingerprint(config) -> dict:
+    """What identifies a written demo dataset: its size, seed and file layout."""
+    d = config.data
+    return {"patients": d.demo_patients, "image_size": d.demo_image_size, "slices": d.demo_slices,
+            "seed": config.seed, "layout": DEMO_LAYOUT_VERSION}
+
+
+def is_demo_folder(folder: str, fingerprint: dict) -> bool:
+    """Whether ``folder`` holds the demo dataset of ``fingerprint`` (its stamp matches)."""
+    stamp = os.path.join(folder, "demo.json")
+    if not os.path.exists(stamp):
+        return False
+    with open(stamp) as f:
+        return json.load(f) == fingerprint
+
+
 def demo_manifest(config, workdir: str, say=None) -> str:
     """Writes the built-in demo dataset (real DICOM series + NIfTI masks) once; returns its manifest."""
     d = config.data
     out = d.demo_dir or os.path.join(workdir, "demo_data")
     manifest = os.path.join(out, "manifest.csv")
-    fingerprint = {"patients": d.demo_patients, "image_size": d.demo_image_size, "slices": d.demo_slices,
-                   "seed": config.seed}
+    fingerprint = demo_fingerprint(config)
+    current = is_demo_folder(out, fingerprint)
     stamp = os.path.join(out, "demo.json")
-    current = os.path.exists(stamp) and json.load(open(stamp)) == fingerprint
     if not current and jax.process_index() == 0:
         if say:
             say(f"config.data.manifest is empty: writing the built-in demo dataset ({d.demo_patients} synthetic "

@@ -238,3 +238,32 @@ def test_project_reader_gives_the_same_volume_from_dicom_and_nifti(dataset):
         assert np.abs(from_dicom.array - from_nifti.array).max() <= slope
         np.testing.assert_allclose(from_dicom.affine, from_nifti.affine, atol=1e-3)
         np.testing.assert_allclose(from_dicom.spacing, from_nifti.spacing, atol=1e-6)
+
+
+def test_tissue_labels_follow_the_tissue_fractions_and_the_lesion_mask(dataset):
+    root, path, _ = dataset
+    with open(path, newline="") as f:
+        plain = list(csv.DictReader(f))
+    with open(root / "manifest_tissue.csv", newline="") as f:
+        tissue_rows = list(csv.DictReader(f))
+    assert [{**r, "mask_path": ""} for r in tissue_rows] == [{**r, "mask_path": ""} for r in plain]
+    for r in tissue_rows:
+        assert r["mask_path"] == f"masks/{r['patient_id']}_tissue.nii.gz"
+    labels, _ = assign_patients(SMALL["num_patients"], SMALL["seed"])
+    p = int(np.flatnonzero(labels > 0)[0])  # a patient with a lesion
+    subject = synthesize_subject(SMALL["seed"], p, int(labels[p]), image_size=SMALL["image_size"],
+                                 slices=SMALL["slices"], contrasts=("T1",))
+    stored = np.asarray(nib.load(root / f"masks/{demo.patient_id(p)}_tissue.nii.gz").dataobj)
+    expected = demo.tissue_labels(subject.fractions, subject.mask)
+    np.testing.assert_array_equal(stored, expected)
+    assert set(np.unique(stored)) <= set(range(len(demo.TISSUE_CLASSES)))
+    lesion = demo.TISSUE_CLASSES.index("lesion")
+    np.testing.assert_array_equal(stored == lesion, subject.mask > 0)
+    # Away from the lesion, a voxel that is mostly grey matter is labelled grey matter, and so on.
+    fr = subject.fractions
+    for name, key in (("csf", "csf"), ("grey_matter", "gm"), ("white_matter", "wm")):
+        pure = (fr[key] > 0.8) & (subject.mask == 0)
+        assert pure.sum() > 50, name
+        assert (stored[pure] == demo.TISSUE_CLASSES.index(name)).all(), name
+    outside = (fr["csf"] + fr["gm"] + fr["wm"] + fr["lesion"]) < 0.2
+    assert (stored[outside] == 0).all()
