@@ -64,7 +64,7 @@ def crop_box_3d(shape, scale, ratio, rng: np.random.Generator):
     return (*starts, d, h, w)
 
 
-def _resize_box(x: np.ndarray, box, size: int) -> np.ndarray:
+def resize_box(x: np.ndarray, box, size: int) -> np.ndarray:
     """Trilinear resample of `box` of a (D, H, W, C) volume to (size, size, size, C)."""
     sd, sh, sw, d, h, w = box
     part = x[sd:sd + d, sh:sh + h, sw:sw + w]
@@ -77,7 +77,7 @@ def _resize_box(x: np.ndarray, box, size: int) -> np.ndarray:
 
 def _one_crop(x, size, scale, blur_p, cfg, rng, mean, inv_std):
     box = crop_box_3d(x.shape, scale, cfg.ratio, rng)
-    return finish_crop(_resize_box(x, box, size), cfg, blur_p, rng, mean, inv_std)
+    return finish_crop(resize_box(x, box, size), cfg, blur_p, rng, mean, inv_std)
 
 
 def _as_dhwc(volume) -> np.ndarray:

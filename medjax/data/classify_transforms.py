@@ -39,12 +39,14 @@ class ClassifyTransforms:
     flip_p: float = 0.5
     channels: int = 1  # output channels; a 1-channel slice is repeated for a 3-channel model
 
+    extent = "slice area"  # what ``scale`` is a fraction of (not a field)
+
     def __post_init__(self):
         if self.size < 1:
             raise ValueError(f"size={self.size} must be a positive number of pixels.")
         lo, hi = self.scale
         if not 0.0 < lo <= hi <= 1.0:
-            raise ValueError(f"scale={(lo, hi)} must satisfy 0 < low <= high <= 1 (fractions of the slice area).")
+            raise ValueError(f"scale={(lo, hi)} must satisfy 0 < low <= high <= 1 (fractions of the {self.extent}).")
         if not 0.0 < self.ratio[0] <= self.ratio[1]:
             raise ValueError(f"ratio={tuple(self.ratio)} must satisfy 0 < low <= high.")
         if not 0.0 <= self.flip_p <= 1.0:

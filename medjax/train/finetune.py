@@ -15,6 +15,12 @@ is seen ten times as often. Val is evaluated every ``eval_every`` steps; with
 the targets are the ones tested. Results: ``results.json``, ``results.md``,
 confusion matrices, training curves, the few-label curve, and an orbax
 checkpoint of the main init's model (largest fraction, first seed).
+
+A 3D backbone (a pretraining run with ``config.model.spatial_dims=3``, or
+``init=random`` with it) is fine-tuned on whole volumes: one example per
+manifest row, read as in that run (its ``target_spacing`` and normalisation),
+with ``ClassifyTransforms3D`` (cubes of ``image_size`` voxels); counts in the
+results are then of volumes (``num_volumes``, ``train_volumes``), not slices.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ from medjax import metrics
 from medjax.checkpoint import Checkpointer, content_hash, dumps_config, tree_fingerprint
 from medjax.data import fractions as fr
 from medjax.data.classify_transforms import ClassifyTransforms
+from medjax.data.classify_transforms3d import ClassifyTransforms3D
 from medjax.models.vit import build_backbone
 from medjax.schedules import CosineSchedule
 from medjax.train import finetune_report as report
@@ -45,6 +52,9 @@ INITS = ("checkpoint", "official", "random")
 BASELINES = ("random",)
 KEEP = ("best_val", "last")
 INIT_NAMES = {"checkpoint": "pretrained", "official": "official", "random": "random_init"}
+RANDOM_SIZE = {2: 224, 3: 96}  # init=random's input side when image_size=0 (the recipes' global crops)
+TRANSFORMS = {2: ClassifyTransforms, 3: ClassifyTransforms3D}
+UNITS = {2: "slices", 3: "volumes"}
 
 
 # ---------------------------------------------------------------- the starting backbone
@@ -53,6 +63,11 @@ INIT_NAMES = {"checkpoint": "pretrained", "official": "official", "random": "ran
 def load_init(config):
     """The starting backbone of ``config.finetune.init``: (module, params or None for random weights,
     record, (mean, std) of the input normalisation, image size, pretraining run dir or None)."""
+    return _load_init(config)[:6]
+
+
+def _load_init(config):
+    """``load_init``'s tuple and the pretraining run's config (None unless init=checkpoint)."""
     f = config.finetune
     if f.init == "checkpoint":
         if not f.checkpoint_dir:
@@ -67,13 +82,17 @@ def load_init(config):
             print(f"WARNING: fine-tuning from step {step}, which is NOT the latest checkpoint of {f.checkpoint_dir} "
                   f"(latest: {steps[-1]}); the results describe an earlier backbone than the run's final one.",
                   flush=True)
+        if config.model.spatial_dims == 3 and run_config.model.spatial_dims != 3:
+            raise ValueError(f"config.model.spatial_dims=3 asks for 3D fine-tuning, but {f.checkpoint_dir} holds a "
+                             "2D model; use a 2D variant of configs/finetune.py (e.g. :demo) or a 3D run's "
+                             "checkpoint_dir.")
         models = build_models(run_config)
         check_backbone_shapes(models, params, run_config, where)
         record = {"kind": "checkpoint", "path": where, "step": step, "latest": latest, "latest_step": steps[-1],
                   "content_hash": content_hash(params)}
         norm = (tuple(run_config.crops.mean), tuple(run_config.crops.std))
         return (models.backbone, params, record, norm, f.image_size or run_config.crops.global_size,
-                f.checkpoint_dir)
+                f.checkpoint_dir, run_config)
     if f.init == "official":
         if not f.official_weights:
             raise ValueError("config.finetune.official_weights is empty; give the path of official DINOv2 weights "
@@ -86,11 +105,11 @@ def load_init(config):
         backbone, params = convert.load_official(f.official_weights, img_size=size, in_chans=1)
         record = {"kind": "official", "path": os.path.abspath(f.official_weights),
                   "content_hash": content_hash(params)}
-        return backbone, params, record, ((convert.GRAY_MEAN,), (convert.GRAY_STD,)), size, None
-    size = f.image_size or 224
+        return backbone, params, record, ((convert.GRAY_MEAN,), (convert.GRAY_STD,)), size, None, None
+    size = f.image_size or RANDOM_SIZE[config.model.spatial_dims]
     cfg = ml_collections.ConfigDict({"model": config.model.to_dict(), "crops": {"global_size": size}})
     backbone = build_backbone(config.model.arch, **backbone_kwargs(cfg))
-    return backbone, None, {"kind": "random", "seed": config.seed}, ((0.449,), (0.226,)), size, None
+    return backbone, None, {"kind": "random", "seed": config.seed}, ((0.449,), (0.226,)), size, None, None
 
 
 def plain_arrays(tree):
@@ -101,7 +120,7 @@ def plain_arrays(tree):
 
 @functools.lru_cache(maxsize=4)
 def _init_fn(backbone):
-    shape = (1, backbone.img_size, backbone.img_size, backbone.in_chans)
+    shape = (1,) + (backbone.img_size,) * backbone.spatial_dims + (backbone.in_chans,)
     return jax.jit(lambda key: backbone.init(key, jnp.zeros(shape, jnp.float32))["params"])
 
 
@@ -227,7 +246,8 @@ def evaluate(tuner, eval_fn, trainable, frozen, images, labels, targets, batch) 
     return reports, saved
 
 
-def fit_subset(tuner, fns, params, splits, eval_x, targets, transforms, lr, f, *, fraction, seed, tag):
+def fit_subset(tuner, fns, params, splits, eval_x, targets, transforms, lr, f, *, fraction, seed, tag,
+               unit="slices"):
     """Fine-tunes ``params`` on the ``fraction`` subset of the training patients drawn with ``seed``;
     returns train_one's output and the run's JSON record (sizes, timing, history, val and test)."""
     train = splits["train"]
@@ -236,10 +256,10 @@ def fit_subset(tuner, fns, params, splits, eval_x, targets, transforms, lr, f, *
     for i, t in enumerate(targets):
         missing = sorted(set(range(len(t.class_names))) - set(labels[:, i].tolist()))
         if missing:
-            print(f"  note: the {fraction:g} subset (seed {seed}) has no training slice of "
+            print(f"  note: the {fraction:g} subset (seed {seed}) has no training {unit[:-1]} of "
                   f"{', '.join(t.class_names[c] for c in missing)} for {t.name}.", flush=True)
     patients = len({train.patient_ids[i] for i in idx})
-    print(f"{tag}{patients} patients, {len(idx)} slices, {len(lr)} steps", flush=True)
+    print(f"{tag}{patients} patients, {len(idx)} {unit}, {len(lr)} steps", flush=True)
     steps_per_epoch = math.ceil(len(train.images) / f.batch_size)
     out = train_one(tuner, params, [train.images[i] for i in idx], labels, eval_x["val"], splits["val"].labels,
                     transforms=transforms, lr=lr, weight_decay=f.weight_decay, batch_size=f.batch_size,
@@ -249,7 +269,7 @@ def fit_subset(tuner, fns, params, splits, eval_x, targets, transforms, lr, f, *
                       f.eval_batch)
     test, predictions = evaluate(tuner, fns[1], out["trainable"], out["frozen"], eval_x["test"],
                                  splits["test"].labels, targets, f.eval_batch)
-    return out, {"train_patients": patients, "train_slices": len(idx), "best_step": out["best_step"],
+    return out, {"train_patients": patients, f"train_{unit}": len(idx), "best_step": out["best_step"],
                  "kept_step": out["kept_step"], "timing": out["timing"], "history": out["history"], "val": val,
                  "test": test, "test_predictions": predictions}
 
@@ -284,6 +304,22 @@ def validate_finetune_config(config) -> None:
                          f"{f.epochs}; shorten the warm-up.")
     if not 0 < f.layerwise_decay <= 1:
         raise ValueError(f"config.finetune.layerwise_decay={f.layerwise_decay} must lie in (0, 1] (1 = no decay).")
+    if config.model.spatial_dims not in (2, 3):
+        raise ValueError(f"config.model.spatial_dims={config.model.spatial_dims!r} must be 2 (slices) or 3 "
+                         "(volumes).")
+    if config.model.spatial_dims == 3 and f.init == "official":
+        raise ValueError("config.finetune.init=official loads 2D DINOv2 weights, but config.model.spatial_dims=3 "
+                         "asks for a 3D backbone; use init=checkpoint with a 3D pretraining run, or init=random.")
+
+
+def _check_3d(config) -> None:
+    """Refuses the data options that only mean something for slices, once the backbone is known to be 3D."""
+    if config.data.cache_dir:
+        raise ValueError("config.data.cache_dir caches 2D slices, but the backbone is 3D and reads whole volumes; "
+                         "set --config.data.cache_dir=''.")
+    if config.data.slice_axis != "axial":
+        raise ValueError(f"config.data.slice_axis={config.data.slice_axis!r} picks 2D slices, but the backbone is "
+                         "3D and reads whole volumes; leave it at 'axial'.")
 
 
 def run(config, workdir: str) -> dict:
@@ -293,27 +329,34 @@ def run(config, workdir: str) -> dict:
     ckpt_dir = os.path.join(os.path.abspath(workdir), "checkpoints")
     if os.path.isdir(ckpt_dir) and any(s.isdigit() for s in os.listdir(ckpt_dir)):
         raise ValueError(f"{ckpt_dir} already holds a fine-tuned model; choose a fresh --workdir.")
-    backbone, init_params, init_record, (mean, std), size, run_dir = load_init(config)
+    backbone, init_params, init_record, (mean, std), size, run_dir, run_config = _load_init(config)
+    dims = backbone.spatial_dims
+    if dims == 3:
+        _check_3d(config)
     backbone = backbone.clone(drop_path_rate=f.drop_path_rate, drop_path_uniform=False)
     init_params = None if init_params is None else plain_arrays(init_params)
     if not 0 <= f.freeze_blocks <= backbone.depth:
         raise ValueError(f"config.finetune.freeze_blocks={f.freeze_blocks} must lie in [0, {backbone.depth}] (the "
                          f"backbone has {backbone.depth} blocks).")
     try:
-        transforms = ClassifyTransforms(size, mean, std, tuple(f.train_scale), tuple(f.train_ratio), f.flip_p,
-                                        backbone.in_chans)
+        transforms = TRANSFORMS[dims](size, mean, std, tuple(f.train_scale), tuple(f.train_ratio), f.flip_p,
+                                      backbone.in_chans)
     except ValueError as e:
         raise ValueError(f"The train transform (config.finetune.train_scale, train_ratio, flip_p) is not valid: "
                          f"{e}") from None
     # A copy: loading may point data.demo_dir at the pretraining run's demo files.
     data_config = ml_collections.ConfigDict({"data": config.data.to_dict(), "seed": config.seed,
                                              "finetune": f.to_dict()})
-    splits, targets = load_splits(data_config, workdir, run_dir)
+    if dims == 3 and run_config is not None:  # the volumes as the backbone saw them in pretraining
+        data_config.data.target_spacing = tuple(run_config.data.target_spacing)
+        data_config.data.normalisation = run_config.data.normalisation
+    splits, targets = load_splits(data_config, workdir, run_dir, volumes=dims == 3)
+    unit = UNITS[dims]
     tuner = FineTuner(backbone, tuple((t.name, len(t.class_names)) for t in targets), f.freeze_blocks,
                       f.layerwise_decay, f.patch_embed_lr_mult, f.clip_grad, f.adamw_beta1, f.adamw_beta2)
     eval_x = {s: transforms.eval_batch(splits[s].images) for s in ("val", "test")}
     print("fine-tuning: " + "; ".join(f"{t.name} ({t.description}): {', '.join(t.class_names)}" for t in targets)
-          + "; " + ", ".join(f"{len(splits[s].labels)} {s}" for s in splits) + " slices", flush=True)
+          + "; " + ", ".join(f"{len(splits[s].labels)} {s}" for s in splits) + f" {unit}", flush=True)
 
     steps_per_epoch = math.ceil(len(splits["train"].images) / f.batch_size)
     total = f.epochs * steps_per_epoch
@@ -329,7 +372,7 @@ def run(config, workdir: str) -> dict:
                "config": dumps_config(config), "inits": {}, "runs": [],
                "schedule": {"steps": total, "steps_per_full_epoch": steps_per_epoch, "batch_size": f.batch_size,
                             "peak_lr": float(lr.max()), "eval_every": f.eval_every or steps_per_epoch},
-               "num_slices": {s: len(v.labels) for s, v in splits.items()},
+               "unit": unit, f"num_{unit}": {s: len(v.labels) for s, v in splits.items()},
                "keep": "the last step" if f.keep == "last" else "the evaluation of best mean val balanced accuracy",
                "frozen_parameters": frozen_names(backbone, f.freeze_blocks)}
     saved_model = None
@@ -341,11 +384,12 @@ def run(config, workdir: str) -> dict:
                 backbone_params = params0 if params0 is not None else random_backbone(backbone, key)
                 params = tuner.init_params(jax.random.fold_in(key, 1), backbone_params)
                 out, run = fit_subset(tuner, fns, params, splits, eval_x, targets, transforms, lr, f,
-                                      fraction=fraction, seed=seed, tag=f"{name} fraction {fraction:g} seed {seed}: ")
+                                      fraction=fraction, seed=seed, tag=f"{name} fraction {fraction:g} seed {seed}: ",
+                                      unit=unit)
                 results["runs"].append({"init": name, "fraction": fraction, "seed": seed, **run})
                 if name == main and saved_model is None and fraction == max(f.label_fractions):
                     saved_model = (out, fraction, seed)
-    results["summary"] = report.summarise_runs(results["runs"], [t.name for t in targets])
+    results["summary"] = report.summarise_runs(results["runs"], [t.name for t in targets], unit)
     _save_model(workdir, tuner, saved_model, results, config, main, total)
     report.write_outputs(results, workdir, targets)
     return results

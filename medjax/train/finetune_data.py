@@ -1,4 +1,4 @@
-"""The fine-tuning trainer's data: the slices of each split with one label per target column.
+"""The fine-tuning trainer's data: the slices (or volumes) of each split with one label per target column.
 
 Slices come from the manifest through the slice index (``slice_source``), as for
 pretraining, and are held in memory at their native size, normalised to [0, 1]:
@@ -10,27 +10,32 @@ With the built-in demo dataset the ``lesion`` target is slice-level: a slice
 shows its patient's lesion class when the lesion mask appears on it, else
 ``none`` (so the answer is in the pixels). ``contrast`` (T1, T2, FLAIR) is a
 second demo target.
+
+For a 3D backbone (``volumes=True``) each manifest row is one example: its
+whole volume from ``volume_source`` ((D, H, W), resampled to
+``config.data.target_spacing`` and normalised to [0, 1]) with that row's labels;
+the demo's ``lesion`` is then the patient's lesion class, with no slice rule.
 """
 
 from __future__ import annotations
 
 import csv
 import dataclasses
-import json
 import os
 
 import numpy as np
 
 from medjax.data.demo import LESION_CLASSES
 from medjax.data.manifest import ManifestError, check_labels, load_manifest
-from medjax.train.pretrain_data import DEMO_COLUMNS, demo_manifest, slice_source
+from medjax.train.pretrain_data import DEMO_COLUMNS, demo_fingerprint, demo_manifest, is_demo_folder, slice_source
+from medjax.train.pretrain_data3d import volume_source
 
 SPLITS = ("train", "val", "test")
 
 
 @dataclasses.dataclass
 class Split:
-    images: list  # native-size float32 slices, values in [0, 1]
+    images: list  # native-size float32 slices (or (D, H, W) volumes), values in [0, 1]
     labels: np.ndarray  # (N, targets) int64, -1 = no label for that target
     patient_ids: list
 
@@ -40,17 +45,6 @@ class Target:
     name: str
     class_names: tuple
     description: str
-
-
-def _same_demo(config, folder: str) -> bool:
-    stamp = os.path.join(folder, "demo.json")
-    d = config.data
-    want = {"patients": d.demo_patients, "image_size": d.demo_image_size, "slices": d.demo_slices,
-            "seed": config.seed}
-    if not os.path.exists(stamp):
-        return False
-    with open(stamp) as f:
-        return json.load(f) == want
 
 
 def resolve_manifest(config, workdir: str, run_dir: str | None) -> tuple[str, bool]:
@@ -63,8 +57,9 @@ def resolve_manifest(config, workdir: str, run_dir: str | None) -> tuple[str, bo
         return f.manifest, False
     if run_dir and not config.data.demo_dir:
         run_data = os.path.join(os.path.abspath(run_dir), "demo_data")
-        if _same_demo(config, run_data):
-            config.data.demo_dir = run_data  # never rewritten: the stamp matches
+        # The very fingerprint demo_manifest checks: a folder it would rewrite is never pointed at.
+        if is_demo_folder(run_data, demo_fingerprint(config)):
+            config.data.demo_dir = run_data
     return demo_manifest(config, workdir, say=print), True
 
 
@@ -78,8 +73,8 @@ def target_columns(config, demo: bool) -> tuple[str, ...]:
     return columns
 
 
-def _class_names(manifest, column: str, slice_rule: bool) -> tuple:
-    if slice_rule:
+def _class_names(manifest, column: str, demo_lesion: bool) -> tuple:
+    if demo_lesion:  # the demo's column holds the index into LESION_CLASSES
         return tuple(LESION_CLASSES)
     codes = manifest.classes[column]
     names = [str(c) for c in range(max(codes.values()) + 1)]
@@ -88,8 +83,9 @@ def _class_names(manifest, column: str, slice_rule: bool) -> tuple:
     return tuple(names)
 
 
-def load_splits(config, workdir: str, run_dir: str | None = None):
-    """({split: Split}, [Target]) for the config's manifest (or the demo) and targets."""
+def load_splits(config, workdir: str, run_dir: str | None = None, *, volumes: bool = False):
+    """({split: Split}, [Target]) for the config's manifest (or the demo) and targets; one example per
+    slice, or with ``volumes`` one per manifest row (its whole volume)."""
     manifest_path, demo = resolve_manifest(config, workdir, run_dir)
     columns = target_columns(config, demo)
     with open(manifest_path, newline="") as f:
@@ -106,22 +102,30 @@ def load_splits(config, workdir: str, run_dir: str | None = None):
             check_labels(manifest, column)
     except ManifestError as e:
         raise ValueError(str(e).splitlines()[0]) from None
-    slice_rule = [demo and c == "lesion" for c in columns]
-    splits = {s: _read_split(config, manifest_path, s, columns, slice_rule, extra) for s in SPLITS}
+    demo_lesion = [demo and c == "lesion" for c in columns]
+    slice_rule = [rule and not volumes for rule in demo_lesion]
+    splits = {s: _read_split(config, manifest_path, s, columns, slice_rule, extra, volumes) for s in SPLITS}
     targets = []
     for t, column in enumerate(columns):
-        names = _class_names(manifest, column, slice_rule[t])
+        names = _class_names(manifest, column, demo_lesion[t])
         if slice_rule[t]:
             description = "demo lesion class per slice (none unless the lesion mask shows on the slice)"
+        elif demo_lesion[t]:
+            description = "demo lesion class of the patient, on each of its volumes"
         else:
             description = f"label column {column!r} of {manifest_path}"
         targets.append(Target(column, names, description))
-        _check_split_labels(splits, t, column, names)
+        _check_split_labels(splits, t, column, names, "volume" if volumes else "slice")
     return splits, targets
 
 
-def _read_split(config, manifest_path, split, columns, slice_rule, extra) -> Split:
-    records = slice_source(config, manifest_path, split, label_columns=columns, extra_columns=extra)
+def _read_split(config, manifest_path, split, columns, slice_rule, extra, volumes) -> Split:
+    if volumes:
+        records = volume_source(config, manifest_path, split, label_columns=columns, extra_columns=extra,
+                                say=print)
+    else:
+        records = slice_source(config, manifest_path, split, label_columns=columns, extra_columns=extra)
+    unit = "volume" if volumes else "slice"
     images, labels, patients = [], [], []
     for r in records:
         row = [r["label"]] + [r[f"label_{c}"] for c in columns[1:]]
@@ -134,20 +138,20 @@ def _read_split(config, manifest_path, split, columns, slice_rule, extra) -> Spl
         labels.append(row)
         patients.append(r["patient_id"])
     if not images:
-        raise ValueError(f"The {split} split of {manifest_path} has no slice labelled for any of "
-                         f"{', '.join(columns)}; fine-tuning needs labelled train, val and test slices.")
+        raise ValueError(f"The {split} split of {manifest_path} has no {unit} labelled for any of "
+                         f"{', '.join(columns)}; fine-tuning needs labelled train, val and test {unit}s.")
     return Split(images, np.asarray(labels, np.int64).reshape(len(labels), len(columns)), patients)
 
 
-def _check_split_labels(splits, t: int, column: str, names) -> None:
+def _check_split_labels(splits, t: int, column: str, names, unit: str) -> None:
     for s in SPLITS:
         if not (splits[s].labels[:, t] >= 0).any():
-            raise ValueError(f"The {s} split has no slice labelled for target {column!r}; every target needs "
-                             "labelled train, val and test slices.")
+            raise ValueError(f"The {s} split has no {unit} labelled for target {column!r}; every target needs "
+                             f"labelled train, val and test {unit}s.")
     seen = set(splits["train"].labels[:, t].tolist())
     for s in ("val", "test"):
         orphans = sorted(set(splits[s].labels[:, t].tolist()) - seen - {-1})
         if orphans:
             raise ValueError(f"Class(es) {', '.join(names[c] for c in orphans)} of target {column!r} occur in {s} "
-                             "slices but in no train slice, so no head can learn them; add training patients of "
+                             f"{unit}s but in no train {unit}, so no head can learn them; add training patients of "
                              "those classes.")

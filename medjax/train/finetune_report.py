@@ -19,8 +19,9 @@ METRICS = ("accuracy", "balanced_accuracy", "macro_precision", "macro_recall", "
 _HEADERS = ("accuracy", "balanced acc.", "macro precision", "macro recall", "macro F1", "AUC")
 
 
-def summarise_runs(runs: list, targets: list) -> list:
-    """One row per (init, fraction, target): each test metric and minutes/epoch as mean, std, values."""
+def summarise_runs(runs: list, targets: list, unit: str = "slices") -> list:
+    """One row per (init, fraction, target): each test metric, minutes/epoch and the training set's size
+    (``train_<unit>``, slices or volumes) as mean, std, values."""
     rows = []
     keys = list(dict.fromkeys((r["init"], r["fraction"]) for r in runs))
     for init, fraction in keys:
@@ -30,7 +31,7 @@ def summarise_runs(runs: list, targets: list) -> list:
             for m in METRICS:
                 row[m] = summarise([r["test"][t].get(m, float("nan")) for r in group])
             row["minutes_per_epoch"] = summarise([r["timing"]["minutes_per_epoch"] for r in group])
-            row["train_slices"] = summarise([r["train_slices"] for r in group])
+            row[f"train_{unit}"] = summarise([r[f"train_{unit}"] for r in group])
             rows.append(row)
     return rows
 
@@ -78,6 +79,8 @@ def write_outputs(results: dict, workdir: str, targets) -> None:
         json.dump(results, f, indent=1)
     fractions = sorted({r["fraction"] for r in results["runs"]})
     sched = results["schedule"]
+    unit = results["unit"]
+    counts = results[f"num_{unit}"]
     lines = [f"# Fine-tuning\n",
              "Targets: " + "; ".join(f"**{t.name}**: {t.description} ({', '.join(t.class_names)})" for t in targets)
              + ".\n",
@@ -86,8 +89,8 @@ def write_outputs(results: dict, workdir: str, targets) -> None:
              f"({sched['steps'] // sched['steps_per_full_epoch']} pass(es) over the full training split), tested "
              f"at {results['keep']}; "
              f"{len(results['frozen_parameters'])} frozen backbone parameters; "
-             f"slices train / val / test: {results['num_slices']['train']} / {results['num_slices']['val']} / "
-             f"{results['num_slices']['test']}. Test metrics, mean ± std over seeds "
+             f"{unit} train / val / test: {counts['train']} / {counts['val']} / {counts['test']}. Test metrics, "
+             "mean ± std over seeds "
              f"{results['summary'][0]['seeds']}; minutes/epoch = time per pass over the training subset.\n",
              summary_table(results)]
     for t in targets:

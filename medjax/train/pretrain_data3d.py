@@ -44,19 +44,22 @@ class AxialVolumes:
         return record
 
 
-def volume_source(config, manifest_path: str, split: str, *, extra_columns=(), say=None) -> AxialVolumes:
-    """The volumes of one split of a manifest, resampled, normalised and in the (D, H, W) layout."""
+def volume_source(config, manifest_path: str, split: str, *, label_columns=(), extra_columns=(),
+                  say=None) -> AxialVolumes:
+    """The volumes of one split of a manifest, resampled, normalised and in the (D, H, W) layout; with
+    ``label_columns`` each record carries their codes (``label``, then ``label_<column>``), as a slice's."""
     d = config.data
     try:
         normalisation = json.loads(d.normalisation)
     except json.JSONDecodeError as e:
         raise ValueError(f"config.data.normalisation is not valid JSON ({e.msg}): {d.normalisation!r}.") from None
     ignore = tuple(c for c in d.extra_columns.split(",") if c) + tuple(extra_columns)
-    rows = load_manifest(manifest_path, ignore_columns=ignore).split(split)
+    rows = load_manifest(manifest_path, label_columns=label_columns,
+                         ignore_columns=tuple(c for c in ignore if c not in label_columns)).split(split)
     if not len(rows):
         raise ValueError(f"The manifest {manifest_path} has no rows in the {split!r} split; add some or fix "
                          "its split column.")
-    index = VolumeIndex(rows, normalisation=normalisation, skip_bad=d.skip_bad,
+    index = VolumeIndex(rows, normalisation=normalisation, label_columns=label_columns, skip_bad=d.skip_bad,
                         target_spacing=tuple(d.target_spacing), cache_volumes=d.volumes_in_memory)
     if say:
         shapes = {tuple(int(n) for n in axial_dhw(index[0]["image"]).shape)} if len(index) else set()
