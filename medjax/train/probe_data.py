@@ -25,7 +25,7 @@ from medjax.checkpoint import tree_fingerprint
 from medjax.data.demo import LESION_CLASSES
 from medjax.data.manifest import ManifestError, check_labels, load_manifest
 from medjax.train.pretrain_config import apply_variant, recipe
-from medjax.train.pretrain_data import DEMO_COLUMNS, demo_manifest, slice_source
+from medjax.train.pretrain_data import DEMO_COLUMNS, demo_fingerprint, demo_manifest, is_demo_folder, slice_source
 from medjax.train.ssl_model import init_params
 
 
@@ -147,7 +147,7 @@ def load_splits(config, workdir: str, run_dir: str):
     if demo:
         # Reuse the pretraining run's demo files when they are the same dataset; never rewrite that run's folder.
         run_data = os.path.join(os.path.abspath(run_dir), "demo_data")
-        if not config.data.demo_dir and _same_demo(config, run_data):
+        if not config.data.demo_dir and is_demo_folder(run_data, demo_fingerprint(config)):
             config.data.demo_dir = run_data
         manifest = demo_manifest(config, workdir, say=print)
     else:
@@ -211,12 +211,5 @@ def load_splits(config, workdir: str, run_dir: str):
                                  "classes.")
     return splits, names, task, multilabel
 
-
-def _same_demo(config, folder: str) -> bool:
-    stamp = os.path.join(folder, "demo.json")
-    d = config.data
-    want = {"patients": d.demo_patients, "image_size": d.demo_image_size, "slices": d.demo_slices,
-            "seed": config.seed}
-    return os.path.exists(stamp) and json.load(open(stamp)) == want
 
 
