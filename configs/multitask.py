@@ -1,7 +1,10 @@
-"""Multi-task: one backbone trained with a segmentation decoder and a classification head; variants: demo, smoke.
+"""Multi-task: one backbone trained with a segmentation decoder and a classification head; variants: demo, smoke,
+and for 3D backbones (whole volumes, one label per volume) demo3d, smoke3d.
 
     python -m medjax.main --config=configs/multitask.py:demo --workdir=runs/demo_multitask \
         --config.segment.checkpoint_dir=runs/demo
+    python -m medjax.main --config=configs/multitask.py:demo3d --workdir=runs/demo3d_multitask \
+        --config.segment.checkpoint_dir=runs/demo3d  # a configs/dinov2_reg_3d.py:demo run
 
 The segmentation config (configs/segment.py) with the classification head switched on
 (config.segment.classification_weight > 0; the loss is dice_weight * Dice + ce_weight * CE

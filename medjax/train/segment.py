@@ -4,6 +4,13 @@
         --config.segment.checkpoint_dir=runs/demo
     python -m medjax.main --config=configs/multitask.py:demo --workdir=runs/demo_multitask \
         --config.segment.checkpoint_dir=runs/demo
+    python -m medjax.main --config=configs/segment.py:demo3d --workdir=runs/demo3d_segment \
+        --config.segment.checkpoint_dir=runs/demo3d
+
+A 3D backbone (``configs/dinov2_reg_3d.py`` runs; ``config.segment.spatial_dims=3``) segments whole
+volumes: one example per manifest row (``segment_data3d``: one padded input shape per run),
+3D heads (the same modules on (D, H, W) token grids), predictions mapped back to each mask
+file's own grid before the metrics (``segment_eval3d``: volume and patient levels).
 
 For every initialisation (the pretraining run's teacher backbone or official DINOv2
 weights, and a random init of the same architecture), every head in
@@ -19,7 +26,8 @@ a classification head on concat(CLS, mean patch token) trains jointly (multi-tas
 Outputs in the workdir: results.json (every figure, the rules used, the checkpoint
 record), results.md (the table), overlays_<init>_<head>.png and predictions/ (a few
 test cases), training_curves.png, few_label.png (several fractions), and the trained
-heads (with the backbone when it was fine-tuned) under models/<run>/checkpoints.
+heads (with the backbone when it was fine-tuned) under models/<run>/checkpoints. In 3D the
+predictions are NIfTI volumes on the mask files' grids and the overlays show axial slices.
 """
 
 from __future__ import annotations
@@ -35,7 +43,9 @@ import numpy as np
 from medjax import metrics
 from medjax.checkpoint import Checkpointer, content_hash, tree_fingerprint
 from medjax.data.fractions import summarise
+from medjax.train import segment_data3d as sd3
 from medjax.train import segment_eval as se
+from medjax.train import segment_eval3d as se3
 from medjax.train import segment_model as sm
 from medjax.train import segment_report as sr
 from medjax.train.probe_data import check_backbone_shapes, checkpoint_steps, load_run
@@ -45,7 +55,8 @@ from medjax.train.ssl_model import build_models, init_params
 
 
 def load_backbones(config, say=print):
-    """(backbone module, {init name: (params, record)}, (mean, std), default input size, run dir)."""
+    """(backbone module, {init name: (params, record)}, (mean, std), default input size, run dir, the run's
+    config.data or None for official weights)."""
     s = config.segment
     if s.official_weights:
         from medjax.models import convert  # lazily: only this path needs it
@@ -62,7 +73,7 @@ def load_backbones(config, say=print):
         def random():
             return sm.init_fn(backbone)(jax.random.PRNGKey(config.seed), jnp.zeros((1, size, size, 1)))["params"]
 
-        norm, run_dir = (convert.GRAY_MEAN, convert.GRAY_STD), ""
+        norm, run_dir, run_data = (convert.GRAY_MEAN, convert.GRAY_STD), "", None
     else:
         run_dir = s.checkpoint_dir
         if not os.path.isdir(os.path.join(run_dir, "checkpoints")):
@@ -71,6 +82,7 @@ def load_backbones(config, say=print):
         steps = checkpoint_steps(run_dir)
         run_config, params, step = load_run(run_dir, s.step)
         where = os.path.join(os.path.abspath(run_dir), "checkpoints", str(step))
+        _check_dims(run_config.model.spatial_dims, s.spatial_dims, run_dir)
         latest = step == steps[-1]
         if not latest:
             say(f"WARNING: segmenting with step {step}, which is NOT the latest checkpoint of {run_dir} (latest: "
@@ -88,14 +100,26 @@ def load_backbones(config, say=print):
                 jax.random.PRNGKey(config.seed))
 
         norm, size = (run_config.crops.mean[0], run_config.crops.std[0]), run_config.crops.global_size
+        run_data = run_config.data
     if s.random_baseline:
         params = random()
         inits = {"random_init": (params, {"seed": config.seed, "content_hash": content_hash(params)}), **inits}
-    return backbone, inits, norm, s.image_size or size, run_dir
+    return backbone, inits, norm, s.image_size or size, run_dir, run_data
+
+
+def _check_dims(run_dims: int, config_dims: int, run_dir: str) -> None:
+    """A 2D config with a 3D checkpoint, or the reverse: one sentence naming the fix."""
+    if run_dims == config_dims:
+        return
+    fix = ("use the demo3d or smoke3d variant of configs/segment.py (or set config.segment.spatial_dims=3)"
+           if run_dims == 3 else "use a 2D variant such as demo or smoke (or the checkpoint of a 3D pretraining "
+           "run, configs/dinov2_reg_3d.py)")
+    raise ValueError(f"The pretraining run {run_dir} has a {run_dims}D backbone (its config.model.spatial_dims="
+                     f"{run_dims}) but config.segment.spatial_dims={config_dims}; {fix}.")
 
 
 def embed_splits(backbone, params, splits: dict, n_last_blocks: int, batch: int) -> dict:
-    """{split: {"patch": (N, h, w, F), "pooled": (N, 2D)}} of a frozen backbone, as numpy."""
+    """{split: {"patch": (N, (d,) h, w, F), "pooled": (N, 2D)}} of a frozen backbone, as numpy."""
     fn = sm.tokens_fn(backbone, n_last_blocks)
     out = {}
     for name, split in splits.items():
@@ -140,8 +164,8 @@ def _init_params(spec, train, backbone_params, seed: int, num_cls: int) -> dict:
     d = spec.backbone.embed_dim
     # Head inits draw from an "rbg" key: XLA on CPU compiles threefry's normal draws for seconds each.
     key_head, key_cls = jax.random.split(jax.random.key(seed, impl="rbg"))
-    gh = train.images.shape[1] // spec.backbone.patch_size
-    dummy_patch = jnp.zeros((1, gh, gh, spec.n_last_blocks * d))
+    grid = tuple(n // spec.backbone.patch_size for n in train.images.shape[1:-1])
+    dummy_patch = jnp.zeros((1, *grid, spec.n_last_blocks * d))
     params = {"head": sm.init_fn(spec.head)(key_head, dummy_patch, jnp.asarray(train.images[:1]))["params"]}
     params["head"]["classifier"]["bias"] = _log_prior(train.masks, spec.num_classes)
     if spec.cls_head is not None:
@@ -153,11 +177,12 @@ def _init_params(spec, train, backbone_params, seed: int, num_cls: int) -> dict:
 
 
 def _batches(spec, train, train_feats, s, rng: np.random.Generator):
-    """Training batches, consecutive slices of per-epoch permutations (one size: one compile). Frozen:
-    gathered on the device from the cached tokens; fine-tuned: augmented on the host."""
+    """Training batches, consecutive runs of per-epoch permutations (one size: one compile). Frozen:
+    gathered on the device from the cached tokens; fine-tuned: augmented on the host (slices or volumes)."""
     n = len(train)
     batch = min(s.batch_size, n)
     labels = np.maximum(train.labels, 0).astype(np.int32)
+    augment_fn = sd3.augment if train.images.ndim == 5 else augment
     if spec.frozen:
         device = {"images": jnp.asarray(train.images), "masks": jnp.asarray(train.masks, jnp.int32),
                   **{k: jnp.asarray(v) for k, v in train_feats.items()}}
@@ -172,7 +197,7 @@ def _batches(spec, train, train_feats, s, rng: np.random.Generator):
         if spec.frozen:
             yield {k: v[jnp.asarray(idx)] for k, v in device.items()}
             continue
-        x, m = augment(train.images[idx], train.masks[idx], rng, flip_p=s.flip_p, crop_scale=s.crop_scale)
+        x, m = augment_fn(train.images[idx], train.masks[idx], rng, flip_p=s.flip_p, crop_scale=s.crop_scale)
         b = {"images": x, "masks": m.astype(np.int32)}
         if spec.cls_head is not None:
             b["labels"] = labels[idx]
@@ -185,7 +210,11 @@ def train_one(spec, opt, backbone_params, train, train_feats, val, val_feats, s,
     stats = _stats(train_feats, spec.n_last_blocks * d, 2 * d, train.labels, num_cls)
     params = _init_params(spec, train, backbone_params, seed, num_cls)
     step_fn, opt_init = sm.train_step_fn(spec, opt, tuple(sorted(params)))
-    opt_state = opt_init(params)
+    # Committed to the device from the start, as the step's outputs are: jit compiles the step again for
+    # a different mix of committed and uncommitted arguments (15 s for a fine-tuned 3D backbone on a CPU).
+    device = jax.devices()[0]
+    params, stats = jax.device_put((params, stats), device)
+    opt_state = jax.device_put(opt_init(params), device)
     key_steps = jax.random.PRNGKey(seed)  # drop path while fine-tuning
     batches = _batches(spec, train, train_feats, s, np.random.default_rng([seed, 0x5E6]))
     history, losses = [], []
@@ -206,23 +235,33 @@ def train_one(spec, opt, backbone_params, train, train_feats, val, val_feats, s,
 def run(config, workdir: str) -> dict:
     validate_segment_config(config)
     s = config.segment
-    backbone, inits, (mean, std), size, run_dir = load_backbones(config)
-    if size % backbone.patch_size:
+    backbone, inits, (mean, std), size, run_dir, run_data = load_backbones(config)
+    three_d = s.spatial_dims == 3
+    if not three_d and size % backbone.patch_size:
         raise ValueError(f"config.segment.image_size={size} is not a multiple of the patch size "
                          f"{backbone.patch_size}; choose e.g. {size // backbone.patch_size * backbone.patch_size}.")
     if s.n_last_blocks > backbone.depth:
         raise ValueError(f"config.segment.n_last_blocks={s.n_last_blocks} exceeds the backbone's {backbone.depth} "
                          "blocks.")
-    splits, info = load_data(config, workdir, run_dir, size=size, mean=mean, std=std)
+    if three_d:
+        splits, info = sd3.load_volumes(config, workdir, run_dir, run_data, patch=backbone.patch_size, mean=mean,
+                                        std=std)
+        size, mm = info["input_shape"], " x ".join(f"{t:g}" for t in info["target_spacing"])
+        where = f"{' x '.join(map(str, size))} voxels (D x H x W) " + (f"at {mm} mm" if mm else "on the files' grids")
+    else:
+        splits, info = load_data(config, workdir, run_dir, size=size, mean=mean, std=std)
+        where = f"{size} px"
     names = tuple(s.class_names)
     cls_names = info["classification_classes"]
-    print(f"segment: {info['task']}; classes {', '.join(names)}; input {size} px; " + ", ".join(
-        f"{len(sp)} {k} slices of {len(set(sp.patients.tolist()))} patients" for k, sp in splits.items()), flush=True)
+    unit = "volumes" if three_d else "slices"
+    print(f"segment: {info['task']}; classes {', '.join(names)}; input {where}; " + ", ".join(
+        f"{len(sp)} {k} {unit} of {len(set(sp.patients.tolist()))} patients" for k, sp in splits.items()), flush=True)
     opt = sm.OptSpec(s.lr, s.backbone_lr_mult, s.weight_decay, s.warmup_steps, s.steps)
     results = {"task": info["task"], "class_names": list(names), "classification_classes": cls_names,
                "empty_rule": s.empty_rule, "hd95_unit": info["hd95_unit"], "rules": RULES[s.empty_rule],
                "spacing_assumed_for": info["spacing_assumed_for"], "manifest": info["manifest"],
-               "input_size": size, "run_dir": os.path.abspath(run_dir) if run_dir else "",
+               "spatial_dims": s.spatial_dims, "input_size": size,
+               "run_dir": os.path.abspath(run_dir) if run_dir else "",
                "config": json.loads(config.to_json_best_effort()), "inits": {}, "runs": []}
     for init, (params, record) in inits.items():
         results["inits"][init] = record
@@ -230,7 +269,7 @@ def run(config, workdir: str) -> dict:
         for head in s.heads:
             frozen = head == "linear" or s.backbone_lr_mult == 0
             if frozen and feats is None:
-                print(f"{init}: computing the frozen backbone's tokens of {sum(map(len, splits.values()))} slices ...",
+                print(f"{init}: computing the frozen backbone's tokens of {sum(map(len, splits.values()))} {unit} ...",
                       flush=True)
                 feats = embed_splits(backbone, params, splits, s.n_last_blocks, s.eval_batch)
             spec = sm.SegSpec(backbone, sm.build_head(head, len(names), s.decoder_channels, s.image_skip),
@@ -248,7 +287,7 @@ def run(config, workdir: str) -> dict:
     table = sr.markdown(results)
     with open(os.path.join(workdir, "results.md"), "w") as f:
         f.write(f"# Segmentation{' and classification' if cls_names else ''}\n\nTask: {info['task']}. Input "
-                f"{size} px; {s.steps} steps per run; metrics on the test split at each scan's own resolution. "
+                f"{where}; {s.steps} steps per run; metrics on the test split at each scan's own resolution. "
                 f"{RULES[s.empty_rule]}\n\n{table}")
     sr.plot_curves(results, os.path.join(workdir, "training_curves.png"))
     if len(s.label_fractions) > 1:
@@ -260,35 +299,37 @@ def run(config, workdir: str) -> dict:
 RULES = {rule: ("Dice per foreground class (background excluded); a prediction where the ground truth is empty "
                 "scores 0; ground truth and prediction both empty: "
                 + ("left out of the mean (NaN)" if rule == "nan" else "counted as 1.0")
-                + ". Per patient = mean over its volumes (slices stacked); mean ± std over patients (n). HD95: "
-                "95th-percentile symmetric surface distance with the voxel spacing; both empty left out, one empty "
-                "= inf (counted, not averaged).") for rule in ("nan", "one")}
+                + ". Per patient = mean over its volumes (2D: a volume's slices stacked); mean ± std over patients "
+                "(n). HD95: 95th-percentile symmetric surface distance with the voxel spacing; both empty left out, "
+                "one empty = inf (counted, not averaged).") for rule in ("nan", "one")}
 
 
 def _one_run(spec, opt, params, init, head, fraction, seed, splits, feats, s, cls_names, workdir, record, *,
              overlays: bool) -> dict:
     start = time.perf_counter()
     classify = spec.cls_head is not None
+    three_d = spec.backbone.spatial_dims == 3
+    ev, unit = (se3, "volumes") if three_d else (se, "slices")  # the same predict / evaluate calls
     idx = few_label_indices(splits["train"], fraction, seed, classify)
     train = splits["train"].subset(idx)
     patients = len(set(train.patients.tolist()))
     mode = "frozen" if spec.frozen else "fine-tuned"
     print(f"{init} / {head} ({mode} backbone), fraction {fraction:g}, seed {seed}: {patients} patients, "
-          f"{len(train)} slices", flush=True)
+          f"{len(train)} {unit}", flush=True)
     train_feats = {k: v[idx] for k, v in feats["train"].items()} if spec.frozen else None
     val_feats, test_feats = (feats["val"], feats["test"]) if spec.frozen else (None, None)
     trained, stats, history = train_one(spec, opt, params, train, train_feats, splits["val"], val_feats, s, seed,
                                         len(cls_names), say=lambda m: print(m, flush=True))
     test = splits["test"]
-    native, probs = se.predict(spec, trained, stats, test, test_feats, s.eval_batch)
+    native, probs = ev.predict(spec, trained, stats, test, test_feats, s.eval_batch)
     names = [str(n) for n in s.class_names]
-    levels = se.evaluate(native, test, len(names), s.empty_rule)
+    levels = ev.evaluate(native, test, len(names), s.empty_rule)
     result = {"init": init, "head": head, "backbone": mode, "fraction": fraction, "seed": seed,
-              "train_patients": patients, "train_slices": len(train), "steps": s.steps,
+              "train_patients": patients, f"train_{unit}": len(train), "steps": s.steps,
               "test": se.summarise(levels, names), "per_case": se.per_case_table(levels, names), "history": history}
     # Val at the scans' resolution too: more patients than test on small datasets (never used to select).
-    val_native, _ = se.predict(spec, trained, stats, splits["val"], val_feats, s.eval_batch)
-    result["val"] = se.summarise(se.evaluate(val_native, splits["val"], len(names), s.empty_rule), names)
+    val_native, _ = ev.predict(spec, trained, stats, splits["val"], val_feats, s.eval_batch)
+    result["val"] = se.summarise(ev.evaluate(val_native, splits["val"], len(names), s.empty_rule), names)
     if classify:
         pred = probs.argmax(-1)
         result["classification"] = metrics.classification_report(test.labels, pred, probs, cls_names)
@@ -298,7 +339,9 @@ def _one_run(spec, opt, params, init, head, fraction, seed, splits, feats, s, cl
     ckpt.save(s.steps, state, None, {"fingerprint": tree_fingerprint(state), "init": record,
                                      "head": head, "backbone": mode, "fraction": fraction, "seed": seed})
     ckpt.close()
-    if overlays:
+    if overlays and three_d:
+        se3.save_outputs(workdir, f"{init}_{head}", test, native, s.overlay_cases, names, f"{init} / {head}, test")
+    elif overlays:
         cases = sr.pick_cases(test, s.overlay_cases, score=np.nan_to_num(levels["slice"]["dice"], nan=-1.0).max(axis=1))
         slice_dice = {c: levels["slice"]["dice"][c] for c in cases}
         sr.save_overlays(os.path.join(workdir, f"overlays_{init}_{head}.png"), test, native, cases, names,

@@ -10,7 +10,7 @@ import ml_collections
 
 from medjax.train.pretrain_config import recipe, use_demo_data_of_demo_variant
 
-VARIANTS = ("", "demo", "smoke")
+VARIANTS = ("", "demo", "smoke", "demo3d", "smoke3d")
 HEADS = ("linear", "decoder")
 EMPTY_RULES = ("nan", "one")
 
@@ -18,7 +18,8 @@ EMPTY_RULES = ("nan", "one")
 def segment_config(variant: str = "", *, multitask: bool = False, config_file: str = "configs/segment.py"):
     variant = variant or ""
     if variant not in VARIANTS:
-        raise ValueError(f"Unknown variant {variant!r} of {config_file}; choose demo or smoke (or none).")
+        raise ValueError(f"Unknown variant {variant!r} of {config_file}; choose demo, smoke, demo3d or smoke3d "
+                         "(or none).")
     c = ml_collections.ConfigDict()
     c.mode = "segment"
     c.seed = 0
@@ -29,10 +30,18 @@ def segment_config(variant: str = "", *, multitask: bool = False, config_file: s
     s.step = -1  # checkpoint step; -1 = the latest
     s.official_weights = ""  # or: a .pth/.npz/.safetensors file of official DINOv2 weights
     s.random_baseline = True  # also train from a randomly initialised backbone of the same architecture
+    # 2: slices of a 2D backbone; 3: whole volumes of a 3D one (the pretraining run's config.model.spatial_dims
+    # must agree). 3D: every manifest row is one example, image and mask resampled to the pretraining run's
+    # config.data.target_spacing and normalised with its config.data.normalisation (this config's data
+    # section gives only the demo data's size), in the axial (D, H, W) layout.
+    s.spatial_dims = 2
     # Data: a manifest whose rows have a mask_path; empty = the built-in demo dataset (lesion masks).
     s.manifest = ""
     s.class_names = ("background", "lesion")  # mask label value i is class_names[i]; 0 is background
     s.image_size = 0  # model input (square); 0 = the pretraining run's global crop size
+    # 3D model input (D, H, W) voxels at the target spacing, each a multiple of the patch size; () = the largest
+    # volume's sides rounded up to one. Volumes are centred and zero-padded to it, those larger scaled down.
+    s.volume_shape = ()
     s.assumed_spacing_mm = ()  # (row, col) mm for 2D images whose files carry no pixel spacing (PNG/JPEG)
     # Heads: "linear" = DINOv2's linear segmentation (frozen backbone, 1x1 classifier on the patch
     # tokens, logits upsampled bilinearly); "decoder" = progressive upsampling conv decoder.
@@ -56,8 +65,8 @@ def segment_config(variant: str = "", *, multitask: bool = False, config_file: s
     s.weight_decay = 1e-4
     s.eval_every = 200  # steps between val evaluations (training curves)
     # Augmentation (fine-tuned backbone only; frozen tokens are computed once, unaugmented).
-    s.flip_p = 0.5  # horizontal flip of image and mask together
-    s.crop_scale = (0.6, 1.0)  # random resized crop area range of image and mask (nearest); (1, 1) = off
+    s.flip_p = 0.5  # horizontal (left-right) flip of image and mask together
+    s.crop_scale = (0.6, 1.0)  # random resized crop area (3D: volume) range of image and mask (nearest); (1, 1) = off
     # Metrics: Dice per class, background excluded. Ground truth and prediction both empty:
     # "nan" = the case is left out of the mean (MONAI), "one" = it counts as a perfect 1.0.
     s.empty_rule = "nan"
@@ -102,7 +111,51 @@ def segment_config(variant: str = "", *, multitask: bool = False, config_file: s
         c.data.demo_slices = 8
         c.data.demo_image_size = 48
         c.data.num_workers = 0
+    elif variant == "demo3d":
+        _volumes(c, variant)
+        # 16 x 80 x 80 inputs: the 8 x 40 x 40 stage's 3x3x3 conv is most of a decoder step on a CPU
+        # (0.1 s at batch 4 with these channels, 0.2 s with (32, 16, 8)).
+        s.decoder_channels = (16, 8, 4)
+        s.batch_size = 4
+        s.eval_batch = 16
+        if multitask:  # a fine-tuned 3D backbone: ~0.5 s per step of 4 volumes on 2 CPU cores
+            s.steps = 150
+            s.lr = 1e-3
+            s.warmup_steps = 15
+            s.eval_every = 50
+        else:
+            # 150 steps left the decoder's loss falling fast; one seed per fraction keeps the run near 5 min.
+            s.heads = ("linear", "decoder")
+            s.steps = 300
+            s.lr = 3e-3
+            s.warmup_steps = 30
+            s.eval_every = 100
+            s.label_fractions = (0.1, 1.0)
+            s.fraction_seeds = (0,)
+    elif variant == "smoke3d":
+        _volumes(c, variant)
+        s.heads = ("decoder",) if multitask else ("linear", "decoder")
+        s.decoder_channels = (8, 4)
+        s.steps = 4
+        s.warmup_steps = 1
+        s.batch_size = 4
+        s.eval_every = 2
+        s.eval_batch = 8
+        s.overlay_cases = 2
+        s.label_fractions = (1.0,) if multitask else (0.5, 1.0)
     return c
+
+
+def _volumes(c, variant: str) -> None:
+    """3D: the data of the 3D pretraining variant the backbone comes from (configs/dinov2_reg_3d.py)."""
+    c.segment.spatial_dims = 3
+    c.data.num_workers = 0
+    if variant == "demo3d":  # the :demo run's 40 patients (16 x 75 x 75 voxels at 3 mm)
+        use_demo_data_of_demo_variant(c.data)
+    else:  # the 2D :smoke segmentation's 12 patients (8 x 37 x 37 voxels at 6 mm): one demo folder for both
+        c.data.demo_patients = 12
+        c.data.demo_slices = 8
+        c.data.demo_image_size = 48
 
 
 def validate_segment_config(config) -> None:
@@ -142,6 +195,15 @@ def validate_segment_config(config) -> None:
                          "(0, 1], e.g. (0.1, 1.0).")
     if not s.fraction_seeds:
         raise ValueError("config.segment.fraction_seeds is empty; give at least one seed, e.g. (0,).")
+    if s.spatial_dims not in (2, 3):
+        raise ValueError(f"config.segment.spatial_dims={s.spatial_dims!r} must be 2 (slices) or 3 (volumes).")
+    if s.spatial_dims == 3 and s.official_weights:
+        raise ValueError("config.segment.official_weights are 2D DINOv2 weights but config.segment.spatial_dims=3; "
+                         "segment volumes with config.segment.checkpoint_dir of a 3D pretraining run, or slices "
+                         "with a 2D variant.")
+    if s.volume_shape and (len(s.volume_shape) != 3 or min(s.volume_shape) <= 0 or s.spatial_dims != 3):
+        raise ValueError(f"config.segment.volume_shape={tuple(s.volume_shape)} must be empty or (D, H, W) voxels, "
+                         "with config.segment.spatial_dims=3.")
     if s.assumed_spacing_mm and (len(s.assumed_spacing_mm) != 2 or min(s.assumed_spacing_mm) <= 0):
         raise ValueError(f"config.segment.assumed_spacing_mm={tuple(s.assumed_spacing_mm)} must be empty or "
                          "(row, col) millimetres.")

@@ -27,7 +27,7 @@ from medjax.data import fractions
 from medjax.data.demo import LESION_CLASSES
 from medjax.data.manifest import ManifestError, load_manifest
 from medjax.data.readers import read_image
-from medjax.train.pretrain_data import DEMO_COLUMNS, demo_manifest, slice_source
+from medjax.train.pretrain_data import DEMO_COLUMNS, demo_fingerprint, demo_manifest, is_demo_folder, slice_source
 from medjax.train.probe_data import eval_transform
 
 SPLITS = ("train", "val", "test")
@@ -80,19 +80,27 @@ def resize_mask(mask: np.ndarray, size: int) -> np.ndarray:
 
 def _reuse_run_demo_data(config, run_dir: str) -> None:
     """Point the demo data at the pretraining run's files when they are the same dataset (never rewrite them)."""
-    import json
-
     folder = os.path.join(os.path.abspath(run_dir), "demo_data")
-    stamp = os.path.join(folder, "demo.json")
-    d = config.data
-    want = {"patients": d.demo_patients, "image_size": d.demo_image_size, "slices": d.demo_slices,
-            "seed": config.seed}
-    if not d.demo_dir and os.path.exists(stamp) and json.load(open(stamp)) == want:
-        d.demo_dir = folder
+    if not config.data.demo_dir and is_demo_folder(folder, demo_fingerprint(config)):
+        config.data.demo_dir = folder
 
 
-def load_data(config, workdir: str, run_dir: str, *, size: int, mean: float, std: float, say=print):
-    """``({split: SegSplit}, info)``; info holds the task, the classification classes and the spacing source."""
+@dataclasses.dataclass
+class ManifestSource:
+    """The validated manifest of a segmentation run, shared by the slice (2D) and volume (3D) loaders."""
+
+    path: str
+    rows: object  # medjax.data.manifest.Manifest
+    row_of: dict  # image path -> row
+    label_columns: tuple  # (classification column,) when multi-task, else ()
+    extra: tuple  # demo columns that are neither labels nor known
+    column: str
+    demo: bool
+    demo_rule: bool  # demo multi-task: the lesion class where the mask shows it, else none
+
+
+def read_manifest(config, workdir: str, run_dir: str, say=print) -> ManifestSource:
+    """The manifest (or the demo's) with its label column checked and a mask on every train/val/test row."""
     s = config.segment
     demo = not s.manifest
     if demo:
@@ -114,7 +122,6 @@ def load_data(config, workdir: str, run_dir: str, *, size: int, mean: float, std
     if column and column not in header:
         raise ValueError(f"config.segment.label_column={column!r} is not a column of {manifest} (it has "
                          f"{', '.join(header)}); name one of its label columns.")
-    demo_rule = demo and classify and not s.label_column
     label_columns = (column,) if classify else ()
     extra = tuple(c for c in DEMO_COLUMNS if c not in label_columns) if demo else ()
     ignore = tuple(c for c in config.data.extra_columns.split(",") if c) + extra
@@ -123,40 +130,66 @@ def load_data(config, workdir: str, run_dir: str, *, size: int, mean: float, std
                              ignore_columns=tuple(c for c in ignore if c not in label_columns))
     except ManifestError as e:
         raise ValueError(str(e).splitlines()[0]) from None
-    row_of = {row.path: row for row in rows}
     for row in rows:
         if row.split in SPLITS and not row.mask_path:
             raise ValueError(f"Line {row.line} of {manifest} ({row.path}) has no mask_path; segmentation needs a "
                              "mask for every train, val and test row (an all-zero mask where the structure is "
                              "absent).")
+    return ManifestSource(manifest, rows, {row.path: row for row in rows}, label_columns, extra, column, demo,
+                          demo and classify and not s.label_column)
+
+
+def check_label_values(mask: np.ndarray, names, row, source: str) -> None:
+    """A mask value that ``config.segment.class_names`` does not name: one sentence."""
+    counts = np.bincount(mask.ravel(), minlength=len(names))
+    if len(counts) > len(names):
+        bad = np.flatnonzero(counts[len(names):]) + len(names)
+        named = ", ".join(f"{i} {n}" for i, n in enumerate(names))
+        raise ValueError(f"The mask {row.mask_path} of {source} (patient {row.patient_id}) holds label value(s) "
+                         f"{', '.join(map(str, bad))} that config.segment.class_names does not name (it names "
+                         f"{named}); add names for them or remap the mask.")
+
+
+def describe(config, src: ManifestSource, train_masks, unit: str, assumed) -> dict:
+    """Refuses a class no training mask shows; info: the task, classification classes, HD95 unit."""
+    s = config.segment
     names = tuple(s.class_names)
-    splits, assumed = {}, set()
-    for split in SPLITS:
-        splits[split] = _load_split(config, manifest, split, label_columns, extra, row_of, names, size, mean, std,
-                                    demo_rule=demo_rule, with_spacing=split != "train", assumed=assumed)
     present = np.zeros(len(names), bool)
-    for m in splits["train"].masks:
+    for m in train_masks:
         present |= np.bincount(m.ravel(), minlength=len(names))[: len(names)] > 0
     missing = [names[c] for c in range(1, len(names)) if not present[c]]
     if missing:
         raise ValueError(f"Class(es) {', '.join(missing)} of config.segment.class_names appear in no training mask, "
                          "so no head can learn them; remove them from class_names or add training cases.")
-    if demo_rule:
+    classify = bool(src.label_columns)
+    if src.demo_rule:
         cls_names = list(LESION_CLASSES)
     elif classify:
-        codes = rows.classes[column]
+        codes = src.rows.classes[src.column]
         cls_names = [str(c) for c in range(max(codes.values()) + 1)]
-        for v in rows.label_values(column):
+        for v in src.rows.label_values(src.column):
             cls_names[codes[v]] = v
     else:
         cls_names = []
-    task = ("demo brain MRI, lesion masks" if demo else f"masks of {manifest}") + (
-        "; classification: " + ("lesion class shown on the slice (none when it does not show)" if demo_rule
-                                else f"column {column!r}") if classify else "")
-    unit = "px" if assumed and not s.assumed_spacing_mm else "mm"
-    info = {"manifest": os.path.abspath(manifest), "task": task, "classification_classes": cls_names,
+    shown = "slice" if s.spatial_dims == 2 else "volume"
+    task = ("demo brain MRI, lesion masks" if src.demo else f"masks of {src.path}") + (
+        "; classification: " + (f"lesion class shown on the {shown} (none when it does not show)" if src.demo_rule
+                                else f"column {src.column!r}") if classify else "")
+    return {"manifest": os.path.abspath(src.path), "task": task, "classification_classes": cls_names,
             "hd95_unit": unit, "spacing_assumed_for": sorted(assumed)}
-    return splits, info
+
+
+def load_data(config, workdir: str, run_dir: str, *, size: int, mean: float, std: float, say=print):
+    """``({split: SegSplit}, info)``; info holds the task, the classification classes and the spacing source."""
+    src = read_manifest(config, workdir, run_dir, say)
+    names = tuple(config.segment.class_names)
+    splits, assumed = {}, set()
+    for split in SPLITS:
+        splits[split] = _load_split(config, src.path, split, src.label_columns, src.extra, src.row_of, names, size,
+                                    mean, std, demo_rule=src.demo_rule, with_spacing=split != "train",
+                                    assumed=assumed)
+    unit = "px" if assumed and not config.segment.assumed_spacing_mm else "mm"
+    return splits, describe(config, src, splits["train"].masks, unit, assumed)
 
 
 def _load_split(config, manifest, split, label_columns, extra, row_of, names, size, mean, std, *, demo_rule,
@@ -170,13 +203,7 @@ def _load_split(config, manifest, split, label_columns, extra, row_of, names, si
         source = r["source"]
         row = row_of[source]
         mask = r["mask"]
-        counts = np.bincount(mask.ravel(), minlength=len(names))
-        if len(counts) > len(names):
-            bad = np.flatnonzero(counts[len(names):]) + len(names)
-            named = ", ".join(f"{i} {n}" for i, n in enumerate(names))
-            raise ValueError(f"The mask {row.mask_path} of {source} (patient {row.patient_id}) holds label value(s) "
-                             f"{', '.join(map(str, bad))} that config.segment.class_names does not name (it names "
-                             f"{named}); add names for them or remap the mask.")
+        check_label_values(mask, names, row, source)
         if with_spacing and source not in spacing_of:
             spacing_of[source] = _slice_spacing(config, row, assumed)
         rows_cols, between = spacing_of.get(source, ((np.nan, np.nan), np.nan))

@@ -74,7 +74,7 @@ def input_size_dice(spec, params, stats, split, feats, batch: int, num_classes: 
     return float(np.nanmean(values)) if np.isfinite(values).any() else float("nan")
 
 
-def _case_metrics(pred, gt, num_classes: int, spacing, rule: str) -> dict:
+def case_metrics(pred, gt, num_classes: int, spacing, rule: str) -> dict:
     dice = metrics.dice_per_class(pred, gt, num_classes, empty_rule=rule)
     hd = metrics.hd95_per_class(pred, gt, num_classes, spacing)
     gt_empty = np.array([not (gt == c).any() for c in range(1, num_classes)])
@@ -94,9 +94,9 @@ def stack_volume(slices: list, positions: np.ndarray) -> np.ndarray:
 
 def evaluate(native_pred: list, split, num_classes: int, rule: str) -> dict:
     """Per-slice, per-volume and per-patient metric arrays: {level: {"dice": (n, C-1), "hd95": ..., "ids": ...}}."""
-    per_slice = [_case_metrics(p, g, num_classes, tuple(sp), rule)
+    per_slice = [case_metrics(p, g, num_classes, tuple(sp), rule)
                  for p, g, sp in zip(native_pred, split.native, split.spacing)]
-    levels = {"slice": _collect(per_slice, [f"{v}#{z}" for v, z in zip(split.volumes, split.slice_index)])}
+    levels = {"slice": collect(per_slice, [f"{v}#{z}" for v, z in zip(split.volumes, split.slice_index)])}
     vols, per_volume, vol_patient = sorted(set(split.volumes.tolist())), [], []
     for v in vols:
         idx = np.flatnonzero(split.volumes == v)
@@ -107,28 +107,32 @@ def evaluate(native_pred: list, split, num_classes: int, rule: str) -> dict:
             pred = stack_volume([native_pred[i] for i in idx], pos)
             gt = stack_volume([split.native[i] for i in idx], pos)
             spacing = (split.slice_spacing[idx[0]], *split.spacing[idx[0]])
-            per_volume.append(_case_metrics(pred, gt, num_classes, spacing, rule))
+            per_volume.append(case_metrics(pred, gt, num_classes, spacing, rule))
         vol_patient.append(split.patients[idx[0]])
-    levels["volume"] = _collect(per_volume, vols)
-    patients = sorted(set(vol_patient))
-    vol_patient = np.asarray(vol_patient)
+    levels["volume"] = collect(per_volume, vols)
+    levels["patient"] = patient_level(levels["volume"], np.asarray(vol_patient))
+    return levels
+
+
+def patient_level(volume: dict, vol_patient: np.ndarray) -> dict:
+    """Per-patient arrays from per-volume ones: the mean over a patient's volumes (see module)."""
+    patients = sorted(set(vol_patient.tolist()))
     dice, hd, empty, spurious = [], [], [], []
     with warnings.catch_warnings():  # an all-NaN column (nothing to score) is NaN by design
         warnings.simplefilter("ignore", RuntimeWarning)
         for p in patients:
             k = vol_patient == p
-            dice.append(np.nanmean(levels["volume"]["dice"][k], axis=0))
-            v = levels["volume"]["hd95"][k]
+            dice.append(np.nanmean(volume["dice"][k], axis=0))
+            v = volume["hd95"][k]
             mean = np.nanmean(np.where(np.isfinite(v), v, np.nan), axis=0)
             hd.append(np.where(np.isnan(mean) & np.isinf(v).any(axis=0), np.inf, mean))
-            empty.append(levels["volume"]["gt_empty"][k].all(axis=0))
-            spurious.append(levels["volume"]["spurious"][k].any(axis=0))
-    levels["patient"] = {"ids": patients, "dice": np.asarray(dice), "hd95": np.asarray(hd),
-                         "gt_empty": np.asarray(empty), "spurious": np.asarray(spurious)}
-    return levels
+            empty.append(volume["gt_empty"][k].all(axis=0))
+            spurious.append(volume["spurious"][k].any(axis=0))
+    return {"ids": patients, "dice": np.asarray(dice), "hd95": np.asarray(hd), "gt_empty": np.asarray(empty),
+            "spurious": np.asarray(spurious)}
 
 
-def _collect(cases: list, ids: list) -> dict:
+def collect(cases: list, ids: list) -> dict:
     keys = ("dice", "hd95", "gt_empty", "spurious")
     return {"ids": list(ids), **{k: np.asarray([c[k] for c in cases]) for k in keys}}
 

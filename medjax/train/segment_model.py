@@ -1,15 +1,18 @@
 """Segmentation heads on ViT patch tokens, their loss, and the jitted train / predict steps.
 
+Every module works on slices (B, H, W, C) and on volumes (B, D, H, W, C) alike: the number of
+spatial dims is read from the input, "bilinear" is trilinear on volumes and a 3x3 conv is 3x3x3.
+
 * ``LinearSegHead``: DINOv2's linear segmentation: a 1x1 classifier on the (standardised)
   patch tokens, logits upsampled bilinearly to the input size. No BatchNorm: with a frozen
   backbone the tokens are standardised once with the training set's per-channel mean and
   standard deviation (what a BatchNorm in eval mode would do, without batch statistics).
 * ``DecoderHead``: progressive upsampling: a 1x1 projection of the patch grid, then one
   bilinear x2 upsampling + 3x3 conv + GroupNorm + GELU stage per entry of ``channels`` at
-  S/2^n, ..., S/2 (S the input size; never below the patch grid), and a last bilinear x2
-  to S with a per-pixel (1x1) classifier. Every stage, and the classifier, also sees the
-  input image resized to its size: an image skip that gives the decoder the edges a
-  14-pixel patch grid cannot.
+  S/2^n, ..., S/2 (S the input size, per axis; never below the patch grid), and a last
+  bilinear x2 to S with a per-pixel (1x1) classifier. Every stage, and the classifier, also
+  sees the input image resized to its size: an image skip that gives the decoder the edges
+  a 14-pixel patch grid cannot.
 * Loss: ``dice_weight`` * soft Dice (per foreground class over the whole batch, so a batch
   of empty slices still has a defined value) + ``ce_weight`` * pixel cross-entropy, plus
   ``classification_weight`` * class-weighted (inverse training frequency) cross-entropy of a
@@ -38,8 +41,28 @@ class LinearSegHead(nn.Module):
     @nn.compact
     def __call__(self, patch: jax.Array, image: jax.Array) -> jax.Array:
         logits = nn.Dense(self.num_classes, kernel_init=_LECUN, name="classifier")(patch)
-        b, s = image.shape[0], image.shape[1]
-        return jax.image.resize(logits, (b, s, image.shape[2], self.num_classes), "bilinear")
+        return jax.image.resize(logits, image.shape[:-1] + (self.num_classes,), "bilinear")
+
+
+class Conv3x3x3(nn.Module):
+    """A 3x3x3 "SAME" convolution of (B, D, H, W, C), computed as the sum over the three depth taps of 2D
+    3x3 convolutions of the depth-shifted volume: the same operation and parameters as ``nn.Conv``, five
+    times faster forward and backward than XLA's 3D convolution on a CPU."""
+
+    features: int
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kernel = self.param("kernel", _HE, (3, 3, 3, x.shape[-1], self.features))
+        bias = self.param("bias", nn.initializers.zeros, (self.features,))
+        b, d = x.shape[:2]
+        padded = jnp.pad(x, ((0, 0), (1, 1), (0, 0), (0, 0), (0, 0)))
+        out = 0.0
+        for tap in range(3):
+            planes = padded[:, tap:tap + d].reshape(b * d, *x.shape[2:])
+            out = out + jax.lax.conv_general_dilated(planes, kernel[tap].astype(x.dtype), (1, 1), "SAME",
+                                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        return out.reshape(b, d, *out.shape[1:]) + bias
 
 
 def _groups(channels: int) -> int:
@@ -53,19 +76,21 @@ class DecoderHead(nn.Module):
 
     @nn.compact
     def __call__(self, patch: jax.Array, image: jax.Array) -> jax.Array:
-        b, gh, gw, _ = patch.shape
-        s, t = image.shape[1], image.shape[2]
+        grid, full = patch.shape[1:-1], image.shape[1:-1]
         x = nn.Dense(self.channels[0], kernel_init=_LECUN, name="project")(patch)
         n = len(self.channels)
         for i, ch in enumerate(self.channels):
             scale = 2 ** (n - i)
-            x = self._upsample(x, image, (max(gh, s // scale), max(gw, t // scale)))
-            x = nn.Conv(ch, (3, 3), padding="SAME", kernel_init=_HE, name=f"stage{i}_conv")(x)
+            x = self._upsample(x, image, tuple(max(g, f // scale) for g, f in zip(grid, full)))
+            if len(full) == 3:
+                x = Conv3x3x3(ch, name=f"stage{i}_conv")(x)
+            else:
+                x = nn.Conv(ch, (3, 3), padding="SAME", kernel_init=_HE, name=f"stage{i}_conv")(x)
             x = nn.GroupNorm(num_groups=_groups(ch), name=f"stage{i}_norm")(x)
             x = nn.gelu(x)
         # Full resolution: a per-pixel classifier on the upsampled features and the image itself
         # (a 3x3 conv there would cost more than the rest of the decoder together).
-        return nn.Dense(self.num_classes, kernel_init=_LECUN, name="classifier")(self._upsample(x, image, (s, t)))
+        return nn.Dense(self.num_classes, kernel_init=_LECUN, name="classifier")(self._upsample(x, image, full))
 
     def _upsample(self, x, image, size):
         x = resize(x, size)
@@ -85,21 +110,22 @@ def _up2(x: jax.Array, axis: int) -> jax.Array:
 
 
 def resize(x: jax.Array, size: tuple) -> jax.Array:
-    """Bilinear resize of (B, H, W, C) to ``size``; exact doublings by slicing (several times faster on CPU)."""
-    for axis, target in ((1, size[0]), (2, size[1])):
+    """Bilinear (trilinear) resize of (B, *spatial, C) to ``size``; exact doublings by slicing (several times
+    faster on CPU)."""
+    for axis, target in enumerate(size, start=1):
         if target == 2 * x.shape[axis]:
             x = _up2(x, axis)
-    if x.shape[1:3] != tuple(size):
+    if x.shape[1:-1] != tuple(size):
         x = jax.image.resize(x, (x.shape[0], *size, x.shape[-1]), "bilinear")
     return x
 
 
 def downsample(image: jax.Array, size: tuple) -> jax.Array:
     """The image at ``size``: a box average for whole-number factors, else an antialiased linear resize."""
-    b, h, w, c = image.shape
-    if h % size[0] == 0 and w % size[1] == 0:
-        fh, fw = h // size[0], w // size[1]
-        return image.reshape(b, size[0], fh, size[1], fw, c).mean(axis=(2, 4))
+    b, spatial, c = image.shape[0], image.shape[1:-1], image.shape[-1]
+    if all(n % t == 0 for n, t in zip(spatial, size)):
+        blocks = [d for t, n in zip(size, spatial) for d in (t, n // t)]  # (t0, f0, t1, f1, ...)
+        return image.reshape(b, *blocks, c).mean(axis=tuple(range(2, 2 * len(size) + 1, 2)))
     return jax.image.resize(image, (b, *size, c), "linear")
 
 
@@ -135,14 +161,15 @@ def build_head(kind: str, num_classes: int, channels, image_skip: bool) -> nn.Mo
 
 
 def tokens(backbone, params, images, n_last_blocks: int, *, train: bool = False, rng=None) -> dict:
-    """``patch``: (B, h, w, n*D) normed patch tokens of the last n blocks; ``pooled``: concat(CLS, mean patch)."""
+    """``patch``: (B, h, w, n*D) (volumes: (B, d, h, w, n*D)) normed patch tokens of the last n blocks;
+    ``pooled``: concat(CLS, mean patch)."""
     rngs = {"drop_path": rng} if train and rng is not None else None
     out = backbone.apply({"params": params}, images, train=train, n_last_blocks=n_last_blocks, rngs=rngs)
     r, p = backbone.num_register_tokens, backbone.patch_size
-    gh, gw = images.shape[1] // p, images.shape[2] // p
+    grid = tuple(n // p for n in images.shape[1:-1])  # the ViT flattens tokens in (D,) H, W order
     patch = jnp.concatenate([t[:, r + 1:] for t in out["last_blocks_norm"]], axis=-1)
     pooled = jnp.concatenate([out["x_norm_clstoken"], out["x_norm_patchtokens"].mean(axis=1)], axis=-1)
-    return {"patch": patch.reshape(images.shape[0], gh, gw, -1), "pooled": pooled}
+    return {"patch": patch.reshape(images.shape[0], *grid, -1), "pooled": pooled}
 
 
 @functools.lru_cache(maxsize=16)
@@ -158,7 +185,7 @@ def tokens_fn(backbone, n_last_blocks: int):
 
 
 def forward(spec: SegSpec, params, stats, batch, *, train: bool = False, rng=None):
-    """(segmentation logits (B, S, S, C), classification logits (B, K) or None)."""
+    """(segmentation logits (B, *input spatial shape, C), classification logits (B, K) or None)."""
     if spec.frozen:
         feats = {"patch": batch["patch"], "pooled": batch["pooled"]}
     else:

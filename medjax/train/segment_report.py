@@ -35,8 +35,9 @@ def markdown(results: dict) -> str:
     names = results["class_names"][1:]
     unit = results["hd95_unit"]
     multitask = any(r.get("classification") for r in results["runs"])
+    finest = "slice" if all("slice" in r["test"] for r in results["runs"]) else "volume"  # 3D: no slice level
     head = ["init", "head", "backbone", "fraction", "seed", "train patients"]
-    head += [f"Dice {n} / patient" for n in names] + [f"Dice {n} / slice" for n in names]
+    head += [f"Dice {n} / patient" for n in names] + [f"Dice {n} / {finest}" for n in names]
     head += [f"val Dice {n} / patient" for n in names]
     head += [f"HD95 {n} / patient ({unit})" for n in names] + [f"empty GT with prediction ({n})" for n in names]
     head += ["accuracy", "bal. accuracy"] if multitask else []
@@ -44,7 +45,7 @@ def markdown(results: dict) -> str:
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in results["runs"]:
         t = r["test"]
-        pat, sl = t["patient"]["classes"], t["slice"]["classes"]
+        pat, sl = t["patient"]["classes"], t[finest]["classes"]
         cells = [r["init"], r["head"], r["backbone"], f"{r['fraction']:g}", str(r["seed"]), str(r["train_patients"])]
         cells += [_pm(pat[n]["dice_mean"], pat[n]["dice_std"], pat[n]["dice_n"]) for n in names]
         cells += [_pm(sl[n]["dice_mean"], sl[n]["dice_std"], sl[n]["dice_n"]) for n in names]
@@ -122,7 +123,7 @@ def save_overlays(path: str, split, native_pred: list, cases: list[int], class_n
     fig = _figure(3.2 * len(cases), 3.6)
     for k, i in enumerate(cases):
         ax = fig.add_subplot(1, len(cases), k + 1)
-        image = split.images[i, ..., 0]
+        image = split.images[i][..., 0]
         gt, pred = split.native[i], native_pred[i]
         # The model-input image stretched over the mask's grid (pixel centres at 0 .. n-1, as contour's).
         ax.imshow(image, cmap="gray", extent=(-0.5, gt.shape[1] - 0.5, gt.shape[0] - 0.5, -0.5))
@@ -145,7 +146,7 @@ def save_overlays(path: str, split, native_pred: list, cases: list[int], class_n
 
 
 def plot_curves(results: dict, path: str) -> None:
-    """Training loss and val Dice (input size, per slice) against the step, one line per run."""
+    """Training loss and val Dice (input size, per slice or volume) against the step, one line per run."""
     fig = _figure(12, 4.2)
     ax_loss, ax_dice = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
     styles = {}
@@ -162,7 +163,8 @@ def plot_curves(results: dict, path: str) -> None:
     ax_loss.set_xlabel("step")
     ax_loss.set_ylabel("training loss (mean since the last evaluation)")
     ax_dice.set_xlabel("step")
-    ax_dice.set_ylabel("val Dice (foreground, per slice, input size)")
+    case = "volume" if results.get("spatial_dims") == 3 else "slice"
+    ax_dice.set_ylabel(f"val Dice (foreground, per {case}, input size)")
     ax_dice.set_ylim(0, 1)
     for ax in (ax_loss, ax_dice):
         ax.grid(alpha=0.3)
