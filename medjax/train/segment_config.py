@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import ml_collections
 
+from medjax.data.demo import TISSUE_CLASSES
 from medjax.train.pretrain_config import recipe, use_demo_data_of_demo_variant
 
 VARIANTS = ("", "demo", "smoke", "demo3d", "smoke3d")
 HEADS = ("linear", "decoder")
+DEMO_MASK_CLASSES = {"lesion": ("background", "lesion"), "tissue": TISSUE_CLASSES}
 EMPTY_RULES = ("nan", "one")
 
 
@@ -35,8 +37,11 @@ def segment_config(variant: str = "", *, multitask: bool = False, config_file: s
     # config.data.target_spacing and normalised with its config.data.normalisation (this config's data
     # section gives only the demo data's size), in the axial (D, H, W) layout.
     s.spatial_dims = 2
-    # Data: a manifest whose rows have a mask_path; empty = the built-in demo dataset (lesion masks).
+    # Data: a manifest whose rows have a mask_path; empty = the built-in demo dataset, whose masks are
+    # demo_masks: "lesion" (background, lesion) or "tissue" (background, csf, grey_matter, white_matter,
+    # lesion: brain-tissue segmentation); class_names must then be those classes.
     s.manifest = ""
+    s.demo_masks = "lesion"
     s.class_names = ("background", "lesion")  # mask label value i is class_names[i]; 0 is background
     s.image_size = 0  # model input (square); 0 = the pretraining run's global crop size
     # 3D model input (D, H, W) voxels at the target spacing, each a multiple of the patch size; () = the largest
@@ -80,6 +85,13 @@ def segment_config(variant: str = "", *, multitask: bool = False, config_file: s
     if multitask:
         s.classification_weight = 0.5
         s.backbone_lr_mult = 0.1  # one backbone shared by both heads only when it is trained
+    if variant in ("demo", "demo3d"):
+        # Brain tissue: the demo's lesions are a few pixels, smaller than a patch, and a CPU-length
+        # pretraining does not learn them (BUILD_NOTES), while tissue depends on the contrast it learns.
+        s.demo_masks = "tissue"
+        s.class_names = DEMO_MASK_CLASSES["tissue"]
+        if multitask:
+            s.label_column = "contrast"  # T1 / T2 / FLAIR: a second task the pretraining can help with
     if variant == "demo":
         use_demo_data_of_demo_variant(c.data)
         s.decoder_channels = (32, 16, 8)
@@ -167,6 +179,12 @@ def validate_segment_config(config) -> None:
     if len(s.class_names) < 2 or len(set(s.class_names)) != len(s.class_names):
         raise ValueError(f"config.segment.class_names={tuple(s.class_names)} must name background and at least "
                          "one structure, each once (mask value i is class_names[i]).")
+    if s.demo_masks not in DEMO_MASK_CLASSES:
+        raise ValueError(f"config.segment.demo_masks={s.demo_masks!r} is not valid; choose lesion or tissue.")
+    if not s.manifest and tuple(s.class_names) != DEMO_MASK_CLASSES[s.demo_masks]:
+        raise ValueError(f"config.segment.class_names={tuple(s.class_names)} does not match the demo's "
+                         f"{s.demo_masks} masks; set it to {DEMO_MASK_CLASSES[s.demo_masks]} (or give "
+                         "config.segment.manifest).")
     if not s.heads or any(h not in HEADS for h in s.heads) or len(set(s.heads)) != len(s.heads):
         raise ValueError(f"config.segment.heads={tuple(s.heads)} must list one or more of {', '.join(HEADS)}, "
                          "each once.")

@@ -107,6 +107,8 @@ def read_manifest(config, workdir: str, run_dir: str, say=print) -> ManifestSour
         if run_dir:
             _reuse_run_demo_data(config, run_dir)
         manifest = demo_manifest(config, workdir, say=say)
+        if s.demo_masks == "tissue":  # the same rows with the tissue label maps as masks
+            manifest = os.path.join(os.path.dirname(manifest), "manifest_tissue.csv")
     else:
         manifest = s.manifest
         if not os.path.exists(manifest):
@@ -172,7 +174,7 @@ def describe(config, src: ManifestSource, train_masks, unit: str, assumed) -> di
     else:
         cls_names = []
     shown = "slice" if s.spatial_dims == 2 else "volume"
-    task = ("demo brain MRI, lesion masks" if src.demo else f"masks of {src.path}") + (
+    task = (f"demo brain MRI, {s.demo_masks} masks" if src.demo else f"masks of {src.path}") + (
         "; classification: " + (f"lesion class shown on the {shown} (none when it does not show)" if src.demo_rule
                                 else f"column {src.column!r}") if classify else "")
     return {"manifest": os.path.abspath(src.path), "task": task, "classification_classes": cls_names,

@@ -152,6 +152,9 @@ def test_bad_masks_end_in_one_sentence(tmp_path, case, match):
     ("empty_rule", "zero", "config.segment.empty_rule='zero' is not valid"),
     ("label_fractions", (0.0, 1.0), "must hold fractions in"),
     ("class_names", ("background",), "must name background and at least one structure"),
+    ("demo_masks", "organs", "config.segment.demo_masks='organs' is not valid"),
+    ("class_names", ("background", "tumour"), "does not match the demo's lesion masks; set it to ('background', "
+                                              "'lesion')"),
 ])
 def test_bad_config_values_are_named(key, value, match):
     config = segment_config("smoke")
@@ -159,6 +162,21 @@ def test_bad_config_values_are_named(key, value, match):
     config.segment[key] = value
     with pytest.raises(ValueError, match=match.replace("(", r"\(").replace(")", r"\)")):
         validate_segment_config(config)
+
+
+def test_demo_tissue_masks_label_csf_grey_and_white_matter(smoke_demo_dir, tmp_path):
+    config = segment_config("smoke")
+    config.data.demo_dir = str(smoke_demo_dir)
+    config.segment.demo_masks = "tissue"
+    config.segment.class_names = segment_config("demo").segment.class_names
+    config.segment.checkpoint_dir = "runs/x"
+    validate_segment_config(config)
+    splits, info = load_data(config, str(tmp_path), "", size=14, mean=0.449, std=0.226, say=lambda m: None)
+    assert info["task"].startswith("demo brain MRI, tissue masks")
+    assert info["manifest"].endswith("manifest_tissue.csv")
+    counts = np.bincount(np.concatenate([m.ravel() for m in splits["train"].masks]), minlength=5)
+    assert counts.size == 5 and (counts[:4] > 0).all()  # background, CSF, grey and white matter all present
+    assert counts[2] + counts[3] > counts[1]  # more brain tissue than CSF in the slab
 
 
 def test_command_line_error_is_one_sentence(tmp_path):
