@@ -30,19 +30,25 @@ from medjax import metrics
 from medjax.train import segment_model as sm
 
 
-def predict(spec, params, stats, split, feats: dict | None, batch: int) -> tuple[list, np.ndarray | None]:
-    """(labels on each slice's own grid, class probabilities (N, K) or None) for every slice of ``split``."""
-    fn = sm.predict_fn(spec)
-    n = len(split)
-    native, probs = [], []
-    for i in range(0, n, batch):
-        j = min(i + batch, n)
-        pad = batch - (j - i)
+def padded_batches(split, feats: dict | None, batch: int):
+    """(start, stop, inputs) per batch of ``split`` (images and frozen tokens); the last batch is padded with
+    zeros to ``batch`` rows, so one compiled shape serves every batch."""
+    for i in range(0, len(split), batch):
+        j = min(i + batch, len(split))
         part = {"images": split.images[i:j]}
         if feats is not None:
             part.update({k: v[i:j] for k, v in feats.items()})
+        pad = batch - (j - i)
         if pad:
             part = {k: np.concatenate([v, np.zeros((pad,) + v.shape[1:], v.dtype)]) for k, v in part.items()}
+        yield i, j, part
+
+
+def predict(spec, params, stats, split, feats: dict | None, batch: int) -> tuple[list, np.ndarray | None]:
+    """(labels on each slice's own grid, class probabilities (N, K) or None) for every slice of ``split``."""
+    fn = sm.predict_fn(spec)
+    native, probs = [], []
+    for i, j, part in padded_batches(split, feats, batch):
         seg, cls = fn(params, stats, part)
         seg = seg[: j - i]
         if cls is not None:
@@ -60,14 +66,7 @@ def input_size_dice(spec, params, stats, split, feats, batch: int, num_classes: 
     """Mean foreground Dice per slice at the model input size (both-empty slices left out): for curves."""
     fn = sm.predict_fn(spec)
     values = []
-    for i in range(0, len(split), batch):
-        j = min(i + batch, len(split))
-        pad = batch - (j - i)
-        part = {"images": split.images[i:j]}
-        if feats is not None:
-            part.update({k: v[i:j] for k, v in feats.items()})
-        if pad:
-            part = {k: np.concatenate([v, np.zeros((pad,) + v.shape[1:], v.dtype)]) for k, v in part.items()}
+    for i, j, part in padded_batches(split, feats, batch):
         pred = np.asarray(fn(params, stats, part)[0][: j - i]).argmax(-1)
         values += [metrics.dice_per_class(p, g, num_classes) for p, g in zip(pred, split.masks[i:j])]
     values = np.asarray(values)

@@ -42,14 +42,7 @@ def predict(spec, params, stats, split, feats: dict | None, batch: int) -> tuple
     """(labels on each volume's native grid, class probabilities (N, K) or None) for every volume of ``split``."""
     fn = sm.predict_fn(spec)
     native, probs = [], []
-    for i in range(0, len(split), batch):
-        j = min(i + batch, len(split))
-        pad = batch - (j - i)
-        part = {"images": split.images[i:j]}
-        if feats is not None:
-            part.update({k: v[i:j] for k, v in feats.items()})
-        if pad:
-            part = {k: np.concatenate([v, np.zeros((pad,) + v.shape[1:], v.dtype)]) for k, v in part.items()}
+    for i, j, part in se.padded_batches(split, feats, batch):
         seg, cls = fn(params, stats, part)
         seg = np.asarray(seg[: j - i], np.float32)
         if cls is not None:
