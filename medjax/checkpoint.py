@@ -29,6 +29,19 @@ def tree_fingerprint(tree) -> dict:
     return {jax.tree_util.keystr(p): [list(x.shape), str(x.dtype)] for p, x in flat}
 
 
+def host_arrays(tree):
+    """Every leaf as a numpy array on every process: parameters restored or trained under a mesh may be
+    sharded over devices and hosts, and an evaluation wants whole arrays it can place where it needs."""
+    from jax.experimental import multihost_utils
+
+    def whole(x):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:  # parts live on other hosts
+            return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+        return np.asarray(jax.device_get(x))
+
+    return jax.tree.map(whole, tree)
+
+
 def content_hash(tree) -> str:
     """A short hash of the parameter values: records which weights a result came from."""
     h = hashlib.sha256()

@@ -18,9 +18,8 @@ import os
 
 import jax
 import ml_collections
-import numpy as np
 
-from medjax.checkpoint import content_hash
+from medjax.checkpoint import content_hash, host_arrays
 from medjax.train import knn, probe_report
 from medjax.train import probe as probe_lib
 from medjax.train.probe_data import load_splits
@@ -36,15 +35,6 @@ def _probe_config(config) -> ml_collections.ConfigDict:
         features="precomputed", batch_size=e.batch_size, epochs=e.probe_epochs, epoch_length=0, eval_every=0,
         feature_batch=64, label_fractions=(), fraction_seeds=1))
     return c
-
-
-def _host_copy(tree):
-    """Parameters as host numpy arrays on every process (they may be sharded over hosts)."""
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        return multihost_utils.process_allgather(tree, tiled=True)
-    return jax.device_get(tree)
 
 
 class Evaluator:
@@ -98,7 +88,7 @@ class Evaluator:
         return scalars, result
 
     def __call__(self, teacher_backbone, step: int) -> dict:
-        scalars, _ = self.scores(_host_copy(teacher_backbone))
+        scalars, _ = self.scores(host_arrays(teacher_backbone))
         k = 20 if 20 in self.config.evals.knn_k else self.config.evals.knn_k[0]
         shown = (f"eval/knn_k{k}_accuracy", "eval/linear_val_accuracy", "eval/linear_test_accuracy",
                  "eval/linear_val_mean_auc", "eval/linear_test_mean_auc")
@@ -109,7 +99,7 @@ class Evaluator:
     def final(self, teacher_backbone, step: int, checkpoint_path: str, seed: int, full_config) -> tuple[dict, str]:
         """Pretrained vs random init under the full protocol; writes WORKDIR/eval/; returns scalars and table."""
         os.makedirs(self.out, exist_ok=True)
-        params = _host_copy(teacher_backbone)
+        params = host_arrays(teacher_backbone)
         random = init_params(self.models, jax.random.PRNGKey(seed), full_config)["backbone"]
         results = {"task": self.task, "multilabel": self.multilabel, "class_names": self.class_names,
                    "run_dir": os.path.abspath(self.workdir), "backbones": {}}

@@ -36,7 +36,7 @@ import ml_collections
 import numpy as np
 
 from medjax import metrics
-from medjax.checkpoint import Checkpointer, content_hash, dumps_config, tree_fingerprint
+from medjax.checkpoint import Checkpointer, content_hash, dumps_config, host_arrays, tree_fingerprint
 from medjax.data import fractions as fr
 from medjax.data.classify_transforms import ClassifyTransforms
 from medjax.data.classify_transforms3d import ClassifyTransforms3D
@@ -113,9 +113,9 @@ def _load_init(config):
 
 
 def plain_arrays(tree):
-    """Host copies placed on the default device: restored checkpoints carry the pretraining mesh's
-    sharding, which would give the step a second compiled program."""
-    return jax.tree.map(lambda x: jnp.asarray(np.asarray(x)), tree)
+    """Host arrays placed on the default device: arrays keeping another layout (a pretraining mesh's)
+    would give the step a second compiled program."""
+    return jax.tree.map(jnp.asarray, host_arrays(tree))
 
 
 @functools.lru_cache(maxsize=4)

@@ -21,7 +21,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from PIL import Image
 
-from medjax.checkpoint import tree_fingerprint
+from medjax.checkpoint import host_arrays, tree_fingerprint
 from medjax.data.demo import LESION_CLASSES
 from medjax.data.manifest import ManifestError, check_labels, load_manifest
 from medjax.train.pretrain_config import apply_variant, recipe
@@ -60,7 +60,7 @@ def load_run(run_dir: str, step: int | None = None):
     _overlay(config, saved)
     with ocp.StandardCheckpointer() as ckptr:
         state = ckptr.restore(os.path.join(path, "state"))
-    return config, state["teacher"]["backbone"], step
+    return config, host_arrays(state["teacher"]["backbone"]), step
 
 
 def _overlay(config: ml_collections.ConfigDict, saved: dict) -> None:
