@@ -87,8 +87,8 @@ def demo_manifest(config, workdir: str, say=None) -> str:
 DEMO_COLUMNS = ("lesion", "contrast", "series_description")  # the demo manifest's label and extra columns
 
 
-def slice_source(config, manifest_path: str, split: str, *, label_columns=(), extra_columns=(), say=None):
-    """The slices of one split of a manifest (through the slice cache when config.data.cache_dir is set)."""
+def split_rows(config, manifest_path: str, split: str, *, label_columns=(), extra_columns=()):
+    """``(normalisation dict, rows)`` of one split of a manifest: what slice and volume sources start from."""
     d = config.data
     try:
         normalisation = json.loads(d.normalisation)
@@ -101,6 +101,14 @@ def slice_source(config, manifest_path: str, split: str, *, label_columns=(), ex
     if not len(rows):
         raise ValueError(f"The manifest {manifest_path} has no rows in the {split!r} split; add some or fix "
                          "its split column.")
+    return normalisation, rows
+
+
+def slice_source(config, manifest_path: str, split: str, *, label_columns=(), extra_columns=(), say=None):
+    """The slices of one split of a manifest (through the slice cache when config.data.cache_dir is set)."""
+    d = config.data
+    normalisation, rows = split_rows(config, manifest_path, split, label_columns=label_columns,
+                                     extra_columns=extra_columns)
     fingerprint = {"manifest": os.path.abspath(manifest_path), "mtime": os.path.getmtime(manifest_path),
                    "split": split, "axis": d.slice_axis, "normalisation": normalisation,
                    "skip_background": d.skip_background, "labels": list(label_columns),

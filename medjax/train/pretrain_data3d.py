@@ -14,13 +14,10 @@ axis the random flip mirrors.
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 
-from medjax.data.manifest import load_manifest
 from medjax.data.slices import VolumeIndex
-from medjax.train.pretrain_data import pretrain_manifest
+from medjax.train.pretrain_data import pretrain_manifest, split_rows
 
 
 def axial_dhw(volume: np.ndarray) -> np.ndarray:
@@ -49,16 +46,8 @@ def volume_source(config, manifest_path: str, split: str, *, label_columns=(), e
     """The volumes of one split of a manifest, resampled, normalised and in the (D, H, W) layout; with
     ``label_columns`` each record carries their codes (``label``, then ``label_<column>``), as a slice's."""
     d = config.data
-    try:
-        normalisation = json.loads(d.normalisation)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"config.data.normalisation is not valid JSON ({e.msg}): {d.normalisation!r}.") from None
-    ignore = tuple(c for c in d.extra_columns.split(",") if c) + tuple(extra_columns)
-    rows = load_manifest(manifest_path, label_columns=label_columns,
-                         ignore_columns=tuple(c for c in ignore if c not in label_columns)).split(split)
-    if not len(rows):
-        raise ValueError(f"The manifest {manifest_path} has no rows in the {split!r} split; add some or fix "
-                         "its split column.")
+    normalisation, rows = split_rows(config, manifest_path, split, label_columns=label_columns,
+                                     extra_columns=extra_columns)
     index = VolumeIndex(rows, normalisation=normalisation, label_columns=label_columns, skip_bad=d.skip_bad,
                         target_spacing=tuple(d.target_spacing), cache_volumes=d.volumes_in_memory)
     if say:
