@@ -43,6 +43,7 @@ from medjax.data.classify_transforms3d import ClassifyTransforms3D
 from medjax.models.vit import build_backbone
 from medjax.schedules import CosineSchedule
 from medjax.train import finetune_report as report
+from medjax.train.batching import map_batched
 from medjax.train.finetune_data import load_splits
 from medjax.train.finetune_model import FineTuner, class_weights, flatten, is_frozen
 from medjax.train.probe import check_backbone_shapes, checkpoint_steps, load_run
@@ -140,15 +141,8 @@ def frozen_names(backbone, freeze_blocks: int) -> list[str]:
 
 def predict(eval_fn, trainable, frozen, images: np.ndarray, batch: int) -> dict:
     """{target: (N, C) float64 logits}; the last batch is padded so one compiled shape serves all."""
-    parts = []
-    for i in range(0, len(images), batch):
-        x = images[i:i + batch]
-        pad = batch - len(x)
-        if pad:
-            x = np.concatenate([x, np.zeros((pad,) + x.shape[1:], x.dtype)])
-        parts.append({t: np.asarray(v, np.float64)[:batch - pad] for t, v in jax.device_get(
-            eval_fn(trainable, frozen, x)).items()})
-    return {t: np.concatenate([p[t] for p in parts]) for t in parts[0]}
+    logits = map_batched(lambda x: eval_fn(trainable, frozen, x), images, batch)
+    return {t: v.astype(np.float64) for t, v in logits.items()}
 
 
 def _val_scores(tuner, logits: dict, labels: np.ndarray) -> dict:

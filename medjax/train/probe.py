@@ -37,6 +37,7 @@ from medjax.checkpoint import content_hash
 from medjax.data.augment import crop_box
 from medjax.data.fractions import subset_indices, summarise, validate_fractions
 from medjax.train import linear_heads as lh
+from medjax.train.batching import map_batched
 from medjax.train import probe_report
 from medjax.train.probe_data import (  # noqa: F401  (re-exported: the probe's public loading API)
     Split, check_backbone_shapes, checkpoint_steps, load_run, load_splits, split_examples, split_images)
@@ -69,14 +70,7 @@ def embed(backbone, params, images: np.ndarray, batch: int) -> dict:
     The last batch is padded to full size so that one compiled shape serves every batch.
     """
     one = _feature_fn(backbone)
-    parts = []
-    for i in range(0, len(images), batch):
-        x = images[i:i + batch]
-        pad = batch - len(x)
-        if pad:
-            x = np.concatenate([x, np.zeros((pad,) + x.shape[1:], x.dtype)])
-        parts.append({k: v[:batch - pad] for k, v in jax.device_get(one(params, x)).items()})
-    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    return map_batched(lambda x: one(params, x), images, batch)
 
 
 def augment(images: np.ndarray, rng: np.random.Generator, mean: float, std: float,

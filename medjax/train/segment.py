@@ -48,6 +48,7 @@ from medjax.train import segment_eval as se
 from medjax.train import segment_eval3d as se3
 from medjax.train import segment_model as sm
 from medjax.train import segment_report as sr
+from medjax.train.batching import map_batched
 from medjax.train.probe_data import check_backbone_shapes, checkpoint_steps, load_run
 from medjax.train.segment_config import validate_segment_config
 from medjax.train.segment_data import augment, few_label_indices, load_data
@@ -123,14 +124,7 @@ def embed_splits(backbone, params, splits: dict, n_last_blocks: int, batch: int)
     fn = sm.tokens_fn(backbone, n_last_blocks)
     out = {}
     for name, split in splits.items():
-        parts = []
-        for i in range(0, len(split), batch):
-            x = split.images[i:i + batch]
-            pad = batch - len(x)
-            if pad:
-                x = np.concatenate([x, np.zeros((pad,) + x.shape[1:], x.dtype)])
-            parts.append({k: v[:batch - pad] for k, v in jax.device_get(fn(params, x)).items()})
-        out[name] = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+        out[name] = map_batched(lambda x: fn(params, x), split.images, batch)
     return out
 
 
@@ -349,7 +343,7 @@ def _one_run(spec, opt, params, init, head, fraction, seed, splits, feats, s, cl
         sr.save_predictions(os.path.join(workdir, "predictions", f"{init}_{head}"), test, native, cases, len(names))
     result["minutes"] = (time.perf_counter() - start) / 60
     t = result["test"]["patient"]["classes"]
-    print(f"  test Dice per patient: " + ", ".join(f"{n} {v['dice_mean']:.3f} ± {v['dice_std']:.3f}"
+    print("  test Dice per patient: " + ", ".join(f"{n} {v['dice_mean']:.3f} ± {v['dice_std']:.3f}"
                                                    for n, v in t.items())
           + (f"; accuracy {result['classification']['accuracy']:.3f}" if classify else "")
           + f" ({result['minutes']:.1f} min)", flush=True)

@@ -27,21 +27,13 @@ import warnings
 import numpy as np
 
 from medjax import metrics
+from medjax.train import batching
 from medjax.train import segment_model as sm
 
 
 def padded_batches(split, feats: dict | None, batch: int):
-    """(start, stop, inputs) per batch of ``split`` (images and frozen tokens); the last batch is padded with
-    zeros to ``batch`` rows, so one compiled shape serves every batch."""
-    for i in range(0, len(split), batch):
-        j = min(i + batch, len(split))
-        part = {"images": split.images[i:j]}
-        if feats is not None:
-            part.update({k: v[i:j] for k, v in feats.items()})
-        pad = batch - (j - i)
-        if pad:
-            part = {k: np.concatenate([v, np.zeros((pad,) + v.shape[1:], v.dtype)]) for k, v in part.items()}
-        yield i, j, part
+    """(start, stop, inputs) per batch of ``split``: its images and, for a frozen backbone, its tokens."""
+    return batching.padded_batches({"images": split.images, **(feats or {})}, batch)
 
 
 def predict(spec, params, stats, split, feats: dict | None, batch: int) -> tuple[list, np.ndarray | None]:
