@@ -168,6 +168,18 @@ def finish_crop(x: np.ndarray, cfg: MultiCropConfig, blur_p: float, rng: np.rand
     return np.ascontiguousarray((x - mean) * inv_std, dtype=np.float32)
 
 
+def output_normalisation(cfg: MultiCropConfig, channels: int, what: str):
+    """(mean, 1 / std) of the crops' output channels; a channel count or mean/std that cannot fit the
+    ``channels`` of the input ``what`` (image, volume) is refused in one sentence."""
+    c_out = channels if cfg.channels is None else cfg.channels
+    if c_out != channels and channels != 1:
+        raise ValueError(f"channels={cfg.channels} cannot be made from a {channels}-channel {what}; use "
+                         f"channels=None or {channels}.")
+    if len(cfg.mean) not in (1, c_out):
+        raise ValueError(f"mean/std have {len(cfg.mean)} values for {c_out} output channels; give 1 or {c_out}.")
+    return np.asarray(cfg.mean, np.float32), 1.0 / np.asarray(cfg.std, np.float32)
+
+
 def _one_crop(planes, hw, size, scale, blur_p, cfg, rng, mean, inv_std):
     box = crop_box(hw[0], hw[1], scale, cfg.ratio, rng)
     return finish_crop(_resize_box(planes, box, size), cfg, blur_p, rng, mean, inv_std)
@@ -196,13 +208,7 @@ def multicrop(image, rng: np.random.Generator, cfg: MultiCropConfig) -> dict:
                 f"crop size {largest} is larger than the {height}x{width} image; "
                 "lower global_size/local_size or resample the slices to at least that size."
         )
-    c_out = c if cfg.channels is None else cfg.channels
-    if c_out != c and c != 1:
-        raise ValueError(f"channels={cfg.channels} cannot be made from a {c}-channel image; use channels=None or {c}.")
-    if len(cfg.mean) not in (1, c_out):
-        raise ValueError(f"mean/std have {len(cfg.mean)} values for {c_out} output channels; give 1 or {c_out}.")
-    mean = np.asarray(cfg.mean, np.float32)
-    inv_std = 1.0 / np.asarray(cfg.std, np.float32)
+    mean, inv_std = output_normalisation(cfg, c, "image")
     planes = [Image.fromarray(np.ascontiguousarray(x[:, :, i]), mode="F") for i in range(c)]
     hw = (height, width)
     blur = cfg.global_blur_p

@@ -33,7 +33,7 @@ import math
 import numpy as np
 from scipy import ndimage
 
-from medjax.data.augment import MultiCropConfig, finish_crop
+from medjax.data.augment import MultiCropConfig, finish_crop, output_normalisation
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,14 +95,7 @@ def multicrop3d(volume, rng: np.random.Generator, cfg: MultiCropConfig) -> dict:
     `volume` is `(D, H, W)` or `(D, H, W, C)` with intensities already in [0, 1].
     """
     x = _as_dhwc(volume)
-    c = x.shape[-1]
-    c_out = c if cfg.channels is None else cfg.channels
-    if c_out != c and c != 1:
-        raise ValueError(f"channels={cfg.channels} cannot be made from a {c}-channel volume; use channels=None or {c}.")
-    if len(cfg.mean) not in (1, c_out):
-        raise ValueError(f"mean/std have {len(cfg.mean)} values for {c_out} output channels; give 1 or {c_out}.")
-    mean = np.asarray(cfg.mean, np.float32)
-    inv_std = 1.0 / np.asarray(cfg.std, np.float32)
+    mean, inv_std = output_normalisation(cfg, x.shape[-1], "volume")
     blur = cfg.global_blur_p
     global_crops = [
         _one_crop(x, cfg.global_size, cfg.global_scale, blur[min(i, len(blur) - 1)], cfg, rng, mean, inv_std)
