@@ -1,10 +1,213 @@
-"""DINOv2 with 4 register tokens (ViT-S/14 recipe); variants: demo, smoke, bench, vits14..vitg14.
+"""DINOv2 with 4 register tokens: the official recipe (ssl_default_config.yaml, ViT-S/14, 2 x 224 global +
+8 x 96 local crops, DINO + iBOT + KoLeo) and its variants, key by key.
 
     python -m medjax.main --config=configs/dinov2_reg.py:demo --workdir=runs/demo
+
+Variants: demo (minutes on a laptop CPU), smoke (seconds, for tests), bench (the benchmark model),
+vits14, vitb14, vitl14, vitg14 (the official sizes). dinov2.py, dino.py and dinov2_reg_3d.py are
+this recipe with fewer parts or with cubes; a variant only states what it changes.
 """
 
-from medjax.train.pretrain_config import apply_variant, recipe
+from __future__ import annotations
+
+import os
+import sys
+
+import ml_collections
+from ml_collections import config_dict
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the shared pieces beside this file
+import config_lib  # noqa: E402
+
+VARIANTS = ("", "demo", "smoke", "bench", "vits14", "vitb14", "vitl14", "vitg14")
 
 
-def get_config(variant: str = ""):
-    return apply_variant(recipe(registers=4), variant or "", __file__)
+def get_config(variant: str = "", *, registers: int = 4, ibot: bool = True, koleo: bool = True,
+               config_file: str = "configs/dinov2_reg.py") -> ml_collections.ConfigDict:
+    variant = config_lib.check_variant(variant, VARIANTS, config_file)
+    return apply_variant(recipe(registers=registers, ibot=ibot, koleo=koleo), variant)
+
+
+def recipe(*, registers: int, ibot: bool = True, koleo: bool = True) -> ml_collections.ConfigDict:
+    """The full-size recipe: ViT-S/14, 2x224 + 8x96 crops, DINO + iBOT + KoLeo."""
+    c = ml_collections.ConfigDict()
+    c.mode = "pretrain"
+    c.seed = 0
+
+    c.model = ml_collections.ConfigDict()
+    c.model.arch = "vit_small"  # vit_tiny | vit_small | vit_base | vit_large | vit_giant2
+    # Explicit sizes override the arch's; None keeps the arch's value.
+    c.model.embed_dim = config_dict.placeholder(int)
+    c.model.depth = config_dict.placeholder(int)
+    c.model.num_heads = config_dict.placeholder(int)
+    c.model.patch_size = 14
+    c.model.in_chans = 1  # grayscale slices; 3 for RGB-initialised weights
+    c.model.num_register_tokens = registers
+    c.model.ffn_layer = "mlp"
+    c.model.layerscale = 1e-5
+    c.model.drop_path_rate = 0.3
+    c.model.drop_path_uniform = True
+    # Register models were released with antialiased interpolation and no offset.
+    c.model.interpolate_antialias = registers > 0
+    c.model.interpolate_offset = 0.0 if registers > 0 else 0.1
+    c.model.dtype = "float32"  # compute dtype: float32 | bfloat16 (params stay float32)
+    c.model.remat = False
+    # Official DINOv2 backbone weights (.pth/.npz/.safetensors) to start student and teacher from
+    # (continued pretraining); the model settings above must match their architecture. "" = random init.
+    c.model.init_weights = ""
+    c.model.spatial_dims = 2  # 2: slices; 3: volumes (cubic patches and crops; configs/dinov2_reg_3d.py)
+
+    c.head = ml_collections.ConfigDict()
+    c.head.n_prototypes = 65536
+    c.head.hidden_dim = 2048
+    c.head.bottleneck_dim = 256
+    c.head.nlayers = 3
+    c.head.ibot_separate_head = False
+    c.head.ibot_n_prototypes = 65536  # used only with a separate iBOT head
+
+    c.loss = ml_collections.ConfigDict()
+    c.loss.dino_weight = 1.0
+    c.loss.ibot_weight = 1.0 if ibot else 0.0
+    c.loss.koleo_weight = 0.1 if koleo else 0.0
+    c.loss.centering = "softmax"  # softmax (EMA centre) | sinkhorn_knopp
+    c.loss.student_temp = 0.1
+    c.loss.center_momentum = 0.9
+    c.loss.mask_probability = 0.5 if ibot else 0.0
+    c.loss.mask_ratio_min = 0.1
+    c.loss.mask_ratio_max = 0.5
+
+    c.teacher = ml_collections.ConfigDict()
+    c.teacher.momentum_teacher = 0.992
+    c.teacher.final_momentum_teacher = 1.0
+    c.teacher.warmup_teacher_temp = 0.04
+    c.teacher.teacher_temp = 0.07
+    c.teacher.warmup_teacher_temp_epochs = 30
+
+    c.optim = ml_collections.ConfigDict()
+    c.optim.epochs = 100
+    c.optim.base_lr = 0.004  # at global batch 1024, scaled by scaling_rule
+    c.optim.scaling_rule = "sqrt_wrt_1024"
+    c.optim.min_lr = 1e-6
+    c.optim.warmup_epochs = 10
+    c.optim.weight_decay = 0.04
+    c.optim.weight_decay_end = 0.4
+    c.optim.clip_grad = 3.0
+    c.optim.freeze_last_layer_epochs = 1
+    c.optim.layerwise_decay = 0.9
+    c.optim.patch_embed_lr_mult = 0.2
+    c.optim.adamw_beta1 = 0.9
+    c.optim.adamw_beta2 = 0.999
+
+    c.crops = ml_collections.ConfigDict()
+    c.crops.global_size = 224
+    c.crops.local_size = 96
+    c.crops.n_global = 2
+    c.crops.n_local = 8
+    c.crops.global_scale = (0.32, 1.0)
+    c.crops.local_scale = (0.05, 0.32)
+    c.crops.ratio = (3.0 / 4.0, 4.0 / 3.0)
+    # Intensity augmentations for grayscale scans (no RGB colour jitter or solarize);
+    # see medjax.data.augment.MultiCropConfig for what each does.
+    c.crops.flip_p = 0.5
+    c.crops.intensity_p = 0.8
+    c.crops.brightness = 0.4
+    c.crops.contrast = 0.4
+    c.crops.gamma_p = 0.3
+    c.crops.gamma_range = (0.7, 1.5)
+    c.crops.global_blur_p = (1.0, 0.1)  # the reference's intended values (its code inverts them)
+    c.crops.local_blur_p = 0.5
+    c.crops.blur_sigma = (0.1, 2.0)
+    c.crops.noise_p = 0.2
+    c.crops.noise_std = (0.005, 0.05)
+    c.crops.mean = (0.449,)
+    c.crops.std = (0.226,)
+
+    c.train = ml_collections.ConfigDict()
+    c.train.batch_size_per_device = 64
+    c.train.epoch_length = 1250  # iterations per "epoch", as the official OFFICIAL_EPOCH_LENGTH
+    c.train.log_every = 20
+    c.train.checkpoint_every = 1250
+    c.train.keep_checkpoints = 3
+    c.train.plot_every = 1250
+    c.train.stop_at_step = -1  # >= 0: stop (and checkpoint) there; schedules still span the whole run
+
+    c.data = config_lib.data_config()
+    c.evals = config_lib.evals_config()
+    c.mesh = config_lib.mesh_config()
+    c.distributed = config_lib.distributed_config()
+    return c
+
+
+def apply_variant(c: ml_collections.ConfigDict, variant: str) -> ml_collections.ConfigDict:
+    """Scales the recipe: ``demo`` (minutes on a laptop CPU), ``smoke`` (seconds), ``bench``, sizes."""
+    sizes = {"vits14": "vit_small", "vitb14": "vit_base", "vitl14": "vit_large", "vitg14": "vit_giant2"}
+    if variant in sizes:
+        c.model.arch = sizes[variant]
+        if variant in ("vitl14", "vitg14"):  # the official ViT-L/g settings
+            c.model.drop_path_rate = 0.4
+            c.head.n_prototypes = c.head.ibot_n_prototypes = 131072
+            c.head.bottleneck_dim = 384
+            c.teacher.momentum_teacher = 0.994
+            c.optim.weight_decay_end = 0.2
+            c.optim.layerwise_decay = 1.0
+            c.loss.centering = "sinkhorn_knopp"
+        if variant == "vitg14":
+            c.model.ffn_layer = "swiglu"
+    elif variant == "demo":
+        _scale_down(c, embed=192, depth=6, heads=3, global_size=112, local_size=56, n_local=6,
+                    prototypes=4096, hidden=512, bottleneck=128, batch=32, epochs=10, epoch_length=12)
+        c.optim.base_lr = 0.004 * 4  # short run: a larger step, still scaled by batch
+        # 120 steps are far shorter than the official recipe's EMA and centring horizons: with them the
+        # teacher collapses to uniform targets (BUILD_NOTES.md, "The demo recipe"). A faster teacher,
+        # Sinkhorn-Knopp targets at a low temperature, fewer prototypes and a stronger KoLeo keep it
+        # image-dependent within the run.
+        c.teacher.momentum_teacher = 0.95
+        c.teacher.warmup_teacher_temp = c.teacher.teacher_temp = 0.02
+        c.loss.centering = "sinkhorn_knopp"
+        c.head.n_prototypes = c.head.ibot_n_prototypes = 512
+        c.loss.koleo_weight = 1.0
+        # End with the answer: the teacher vs a random-init backbone on the demo's series-type task.
+        c.evals.every = 60
+        c.evals.final = True
+        c.evals.label_column = config_lib.DEMO_EVAL_LABEL
+        config_lib.use_demo_data(c.data)
+        c.train.log_every = 10
+        c.train.checkpoint_every = 60
+        c.train.plot_every = 60
+    elif variant == "smoke":
+        _scale_down(c, embed=32, depth=2, heads=2, global_size=28, local_size=14, n_local=2,
+                    prototypes=64, hidden=64, bottleneck=32, batch=4, epochs=3, epoch_length=2)
+        c.model.patch_size = 7
+        c.data.demo_patients = 4
+        c.data.demo_slices = 4
+        c.data.demo_image_size = 48
+        c.data.num_workers = 0
+        c.train.log_every = 2
+        c.train.checkpoint_every = 3
+        c.train.plot_every = 6
+    elif variant == "bench":
+        _scale_down(c, embed=192, depth=4, heads=3, global_size=112, local_size=56, n_local=4,
+                    prototypes=4096, hidden=2048, bottleneck=256, batch=16, epochs=1, epoch_length=50)
+        c.data.demo_image_size = 128
+        c.data.num_workers = 0
+    return c
+
+
+def _scale_down(c, *, embed, depth, heads, global_size, local_size, n_local, prototypes, hidden,
+                bottleneck, batch, epochs, epoch_length):
+    """The same recipe at a size that fits a CPU; schedules keep their shape in epochs."""
+    c.model.arch = "vit_tiny"
+    c.model.embed_dim, c.model.depth, c.model.num_heads = embed, depth, heads
+    c.model.drop_path_rate = 0.1
+    c.crops.global_size, c.crops.local_size, c.crops.n_local = global_size, local_size, n_local
+    c.head.n_prototypes = c.head.ibot_n_prototypes = prototypes
+    c.head.hidden_dim, c.head.bottleneck_dim = hidden, bottleneck
+    c.train.batch_size_per_device = batch
+    c.train.epoch_length = epoch_length
+    c.optim.epochs = epochs
+    # Warm-ups keep roughly their official share of the run (10% lr, 30% teacher temperature).
+    c.optim.warmup_epochs = max(1, round(0.1 * epochs))
+    c.teacher.warmup_teacher_temp_epochs = max(1, round(0.3 * epochs))
+    c.optim.freeze_last_layer_epochs = 1
+
+

@@ -12,19 +12,21 @@ init=random builds config.model at image_size. A 3D backbone fine-tunes on whole
 manifest row; the 3D variants set config.model.spatial_dims=3, which a 2D run's checkpoint refuses.
 """
 
+import os
+import sys
+
 import ml_collections
 
-from medjax.train.pretrain_config import recipe, use_demo_data_of_demo_variant
-from medjax.train.pretrain_config3d import apply_variant_3d, recipe_3d
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the recipes beside this file
+import config_lib  # noqa: E402
+import dinov2_reg  # noqa: E402
+import dinov2_reg_3d  # noqa: E402
 
 VARIANTS = ("", "demo", "smoke", "demo3d", "smoke3d")
 
 
 def get_config(variant: str = ""):
-    variant = variant or ""
-    if variant not in VARIANTS:
-        raise ValueError(f"Unknown variant {variant!r} of configs/finetune.py; choose one of "
-                         f"{', '.join(v for v in VARIANTS if v)} (or none).")
+    variant = config_lib.check_variant(variant, VARIANTS, "configs/finetune.py")
     c = ml_collections.ConfigDict()
     c.mode = "finetune"
     c.seed = 0
@@ -70,15 +72,15 @@ def get_config(variant: str = ""):
     # The model built by init=random (otherwise only its spatial_dims is read) and the data section,
     # as in pretraining.
     if variant.endswith("3d"):
-        base = apply_variant_3d(recipe_3d(registers=4), variant[:-2], "configs/dinov2_reg_3d.py")
+        base = dinov2_reg_3d.get_config(variant[:-2])
     else:
-        base = recipe(registers=4)
+        base = dinov2_reg.get_config()
     c.model = base.model
     c.data = base.data
     if variant == "demo":
         # The demo run's slices; the slice-level lesion class (small findings: large crops only) and
         # the contrast (T1 / T2 / FLAIR), one head each, for 4 passes over the training slices.
-        use_demo_data_of_demo_variant(c.data)
+        config_lib.use_demo_data(c.data)
         f.targets = ("lesion", "contrast")
         f.epochs = 4
         f.warmup_epochs = 1
@@ -93,10 +95,7 @@ def get_config(variant: str = ""):
         f.batch_size = 8
         f.eval_every = 6
         f.eval_batch = 32
-        c.data.demo_patients = 12
-        c.data.demo_slices = 8
-        c.data.demo_image_size = 48
-        c.data.num_workers = 0
+        config_lib.use_smoke_data(c.data)
     elif variant == "demo3d":
         # The 3D demo run's model and volumes (3 mm isotropic, 75 x 75 x 16 voxels; the whole volume
         # is resized to the pretraining crop, 32^3). One example per series: the patient's lesion

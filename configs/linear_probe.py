@@ -7,17 +7,19 @@ The backbone (model and crop settings) comes from the run's checkpoint; this fil
 probe and the data it is evaluated on.
 """
 
+import os
+import sys
+
 import ml_collections
 
-from medjax.train.pretrain_config import DEMO_EVAL_LABEL, recipe, use_demo_data_of_demo_variant
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the shared pieces beside this file
+import config_lib  # noqa: E402
 
 VARIANTS = ("", "demo", "smoke")
 
 
 def get_config(variant: str = ""):
-    variant = variant or ""
-    if variant not in VARIANTS:
-        raise ValueError(f"Unknown variant {variant!r} of configs/linear_probe.py; choose demo or smoke (or none).")
+    variant = config_lib.check_variant(variant, VARIANTS, "configs/linear_probe.py")
     c = ml_collections.ConfigDict()
     c.mode = "linear_probe"
     c.seed = 0
@@ -43,14 +45,14 @@ def get_config(variant: str = ""):
     c.probe.feature_batch = 64  # images per backbone call while precomputing features
 
     # The evaluation data; same keys and meaning as the pretraining config's data section.
-    c.data = recipe(registers=4).data
+    c.data = config_lib.data_config()
     if variant == "demo":
         # A few thousand demo slices: passes over the training set rather than 1250-step epochs.
         c.probe.epochs = 30
         c.probe.epoch_length = 0
         c.probe.eval_every = 0
-        c.probe.label_column = DEMO_EVAL_LABEL  # series type per slice; "" = the slice-level lesion class
-        use_demo_data_of_demo_variant(c.data)
+        c.probe.label_column = config_lib.DEMO_EVAL_LABEL  # series type per slice; "" = the slice-level lesion class
+        config_lib.use_demo_data(c.data)
     elif variant == "smoke":
         c.probe.batch_size = 16
         c.probe.epochs = 3
@@ -59,8 +61,5 @@ def get_config(variant: str = ""):
         c.probe.feature_batch = 32
         c.probe.label_fractions = (0.5, 1.0)
         c.probe.fraction_seeds = 2
-        c.data.demo_patients = 12
-        c.data.demo_slices = 8
-        c.data.demo_image_size = 48
-        c.data.num_workers = 0
+        config_lib.use_smoke_data(c.data)
     return c

@@ -6,14 +6,18 @@ and for 3D backbones (whole volumes, one label per volume) demo3d, smoke3d.
     python -m medjax.main --config=configs/multitask.py:demo3d --workdir=runs/demo3d_multitask \
         --config.segment.checkpoint_dir=runs/demo3d  # a configs/dinov2_reg_3d.py:demo run
 
-The segmentation config (configs/segment.py) with the classification head switched on
+The segmentation recipe (segment.py) with the classification head switched on
 (config.segment.classification_weight > 0; the loss is dice_weight * Dice + ce_weight * CE
 + classification_weight * classification CE) and the backbone fine-tuned, so that the two
 heads share what they train.
 """
 
-from medjax.train.segment_config import segment_config
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the recipes beside this file
+import segment  # noqa: E402
 
 
 def get_config(variant: str = ""):
-    return segment_config(variant, multitask=True, config_file="configs/multitask.py")
+    return segment.get_config(variant, multitask=True, config_file="configs/multitask.py")

@@ -50,11 +50,37 @@ def content_hash(tree) -> str:
     return h.hexdigest()[:16]
 
 
+def checkpoints_dir(workdir: str) -> str:
+    """Where a run keeps its checkpoints: ``workdir/checkpoints``."""
+    return os.path.join(os.path.abspath(workdir), "checkpoints")
+
+
+def step_dir(workdir: str, step: int) -> str:
+    """One saved step of a run: ``workdir/checkpoints/<step>``."""
+    return os.path.join(checkpoints_dir(workdir), str(step))
+
+
+def saved_steps(workdir: str) -> list[int]:
+    """The steps saved under ``workdir/checkpoints``, sorted (none: an empty list)."""
+    root = checkpoints_dir(workdir)
+    return sorted(int(s) for s in os.listdir(root) if s.isdigit()) if os.path.isdir(root) else []
+
+
+def read_saved(workdir: str, step: int) -> tuple[dict, dict]:
+    """``(state, meta)`` of a saved step as host arrays, without knowing the model that wrote it."""
+    path = step_dir(workdir, step)
+    with open(os.path.join(path, "meta", "metadata")) as f:
+        meta = json.load(f)
+    with ocp.StandardCheckpointer() as reader:
+        state = reader.restore(os.path.join(path, "state"))
+    return host_arrays(state), meta
+
+
 class Checkpointer:
     """Saves and restores (state, data iterator, meta) under ``workdir/checkpoints``."""
 
     def __init__(self, workdir: str, *, max_to_keep: int = 3, async_save: bool = True):
-        self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+        self.directory = checkpoints_dir(workdir)
         options = ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep, create=True, enable_async_checkpointing=async_save
         )

@@ -9,6 +9,7 @@ stderr and exit status 2; ``--traceback`` shows the full trace instead.
 
 from __future__ import annotations
 
+import importlib
 import os
 import sys
 
@@ -25,32 +26,14 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs
 _TRACEBACK = flags.DEFINE_bool("traceback", False, "Show the full traceback of an error.")
 
 
-def _pretrain(config, workdir):
-    from medjax.train import pretrain
-
-    return pretrain.run(config, workdir)
-
-
-def _linear_probe(config, workdir):
-    from medjax.train import probe
-
-    return probe.run(config, workdir)
-
-
-def _finetune(config, workdir):
-    from medjax.train import finetune
-
-    return finetune.run(config, workdir)
-
-
-def _segment(config, workdir):
-    from medjax.train import segment
-
-    return segment.run(config, workdir)
-
-
-# Explicit registry: config.mode -> trainer.
-TRAINERS = {"pretrain": _pretrain, "linear_probe": _linear_probe, "finetune": _finetune, "segment": _segment}
+# Explicit registry: config.mode -> the job's trainer module (one folder of medjax/ per job), each with
+# ``run(config, workdir)``. Imported when chosen, so a job loads only what it needs.
+TRAINERS = {
+    "pretrain": "medjax.pretrain.trainer",
+    "linear_probe": "medjax.probe.trainer",
+    "finetune": "medjax.finetune.trainer",
+    "segment": "medjax.segment.trainer",
+}
 
 
 class UsageError(ValueError):
@@ -72,9 +55,9 @@ def _check_workdir(workdir: str | None) -> str:
 def _user_errors():
     """Exception types whose message is meant for the user (no traceback)."""
     from medjax import checkpoint, distributed
-    from medjax.train import pretrain
+    from medjax.pretrain.trainer import NonFiniteLossError
 
-    return (ValueError, FileNotFoundError, checkpoint.CheckpointMismatchError, pretrain.NonFiniteLossError,
+    return (ValueError, FileNotFoundError, checkpoint.CheckpointMismatchError, NonFiniteLossError,
             distributed.DistributedSetupError)
 
 
@@ -97,7 +80,7 @@ def main(argv):
             from medjax import distributed
 
             distributed.initialize_from_environment(config.distributed)
-        TRAINERS[config.mode](config, workdir)
+        importlib.import_module(TRAINERS[config.mode]).run(config, workdir)
     except _user_errors() as e:
         if _TRACEBACK.value:
             raise

@@ -25,12 +25,12 @@ from medjax import sharding  # noqa: E402
 from medjax.data.phantom import DemoSlices  # noqa: E402
 from medjax.objectives import dino, ibot  # noqa: E402
 from medjax.schedules import pretrain_schedules  # noqa: E402
-from medjax.train import optim  # noqa: E402
-from medjax.train.pretrain import init_sharded_state, jit_train_step, make_train_step  # noqa: E402
-from medjax.train.pretrain_data import BatchPlacer, pretrain_iterator  # noqa: E402
-from medjax.train.ssl_model import build_models  # noqa: E402
+from medjax import optim  # noqa: E402
+from medjax.pretrain.trainer import init_sharded_state, jit_train_step, make_train_step  # noqa: E402
+from medjax.pretrain.batches import BatchPlacer, pretrain_iterator  # noqa: E402
+from medjax.pretrain.loss_model import build_models  # noqa: E402
 from tests.sharding_compare import rel_diff, state_diff  # noqa: E402
-from tests.train.helpers import smoke_config  # noqa: E402
+from tests.helpers import smoke_config  # noqa: E402
 
 GLOBAL_BATCH = 16
 STEPS = 3

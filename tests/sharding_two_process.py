@@ -28,12 +28,13 @@ from medjax import sharding
 from medjax.data.masking import mask_index_arrays
 from medjax.reporting import read_metrics
 from medjax.schedules import pretrain_schedules
-from medjax.train import optim
-from medjax.train.pretrain import init_sharded_state, jit_train_step, make_train_step
-from medjax.train.pretrain_data import BatchPlacer, pretrain_iterator, pretrain_source
-from medjax.train.ssl_model import build_models
+from medjax import optim
+from medjax.pretrain.trainer import init_sharded_state, jit_train_step, make_train_step
+from medjax.data.sources import training_source
+from medjax.pretrain.batches import BatchPlacer, pretrain_iterator
+from medjax.pretrain.loss_model import build_models
 from tests.sharding_compare import rel_diff, state_diff
-from tests.train.helpers import smoke_config
+from tests.helpers import smoke_config
 
 STEPS = 3
 PROCESSES = 2
@@ -74,7 +75,7 @@ def main(workdir, out_path):
     config.mesh.data, config.mesh.fsdp = 1, 1
     mesh = sharding.make_mesh(1, 1, devices=jax.devices()[:1])
 
-    source = pretrain_source(config, workdir)  # the demo data the two-process run wrote
+    source = training_source(config, workdir)  # the demo data the two-process run wrote
     streams = [pretrain_iterator(config, source, per_process, num_workers=0, process_index=p,
                                  process_count=PROCESSES) for p in range(PROCESSES)]
     models = build_models(config)

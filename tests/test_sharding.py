@@ -19,9 +19,9 @@ import numpy as np
 import pytest
 
 from medjax import distributed, sharding
-from medjax.train.pretrain_data import global_mask_indices
+from medjax.pretrain.batches import global_mask_indices
 from tests.sharding_two_process import OVERRIDES, merge
-from tests.train.helpers import smoke_config
+from tests.helpers import smoke_config
 
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 # Faster CPU compilation for the subprocesses (every run compared uses the same flags).

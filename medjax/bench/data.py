@@ -19,7 +19,9 @@ import time
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from medjax.train.pretrain_data import DEMO_COLUMNS, demo_manifest, pretrain_iterator, slice_source
+from medjax import console
+from medjax.data.sources import DEMO_COLUMNS, demo_manifest, slice_source
+from medjax.pretrain.batches import pretrain_iterator
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/dinov2_reg.py:demo", "Pretraining config.")
 _BATCHES = flags.DEFINE_integer("batches", 20, "Timed batches per case.")
@@ -47,7 +49,7 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)
     config = _CONFIG.value
     workdir = os.path.abspath(_WORKDIR.value)
-    manifest = demo_manifest(config, workdir, say=print)
+    manifest = demo_manifest(config, workdir, say=console.say)
     with config.unlocked():
         # Datasets larger than memory keep few decoded volumes: shuffled slices re-decode DICOM.
         config.data.volumes_in_memory = 2

@@ -8,7 +8,7 @@ dataset's train and test slices (the whole 128 px slice resized to the global cr
 size, normalised as in training) as concat(CLS, mean patch token) of the normed
 last block, fits a logistic regression on train and reports test accuracy and
 balanced accuracy; then does the same for a randomly initialised backbone
-(``init_params`` with ``PRNGKey(config.seed)``). A sanity check that pretraining
+(the run's own initialisation from ``config.seed``). A sanity check that pretraining
 learned something, not the project's evaluation.
 """
 
@@ -23,9 +23,9 @@ from sklearn.metrics import accuracy_score, balanced_accuracy_score
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from medjax.train.pretrain_data import DEMO_COLUMNS, demo_manifest
-from medjax.train.probe import load_run, split_images
-from medjax.train.ssl_model import build_models, init_params
+from medjax import runs
+from medjax.data.labelled import split_images
+from medjax.data.sources import DEMO_COLUMNS, demo_manifest
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Workdir of a demo pretraining run.", required=True)
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step to probe (default: the latest).")
@@ -63,14 +63,14 @@ def probe(backbone, params, train, test) -> tuple[float, float]:
 def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)  # orbax logs every read at INFO
-    config, pretrained, step = load_run(_WORKDIR.value, _STEP.value)
-    models = build_models(config)
-    random = init_params(models, jax.random.PRNGKey(config.seed), config)["backbone"]
+    run = runs.open_run(_WORKDIR.value, -1 if _STEP.value is None else _STEP.value, key="--workdir")
+    config = run.config
+    random = run.random_params(config.seed)
     train, test = (images(config, _WORKDIR.value, s, _LABEL.value) for s in ("train", "test"))
-    print(f"demo_probe: {_WORKDIR.value} step {step}; {len(train[1])} train / {len(test[1])} test slices")
+    print(f"demo_probe: {_WORKDIR.value} step {run.step}; {len(train[1])} train / {len(test[1])} test slices")
     results = {}
-    for name, params in (("pretrained", pretrained), ("random", random)):
-        results[name] = probe(models.backbone, params, train, test)
+    for name, params in (("pretrained", run.params), ("random", random)):
+        results[name] = probe(run.backbone, params, train, test)
         print(f"  {name:10s} test accuracy {results[name][0]:.3f}, balanced accuracy {results[name][1]:.3f}")
     print(f"pretrained_acc={results['pretrained'][0]:.3f} random_acc={results['random'][0]:.3f}")
 

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 from absl import app, flags
 
-from medjax.train import linear_heads
+from medjax.probe import linear_heads
 
 _DIM = flags.DEFINE_integer("dim", 384, "Feature width D of the backbone.")
 _CLASSES = flags.DEFINE_integer("classes", 10, "Number of classes C.")

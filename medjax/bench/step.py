@@ -17,12 +17,12 @@ import jax.numpy as jnp
 from absl import app, flags
 from ml_collections import config_flags
 
-from medjax import sharding
+from medjax import optim, sharding
+from medjax.models.backbone import DTYPES
+from medjax.pretrain.batches import PretrainData
+from medjax.pretrain.loss_model import build_models
+from medjax.pretrain.trainer import init_sharded_state, jit_train_step, make_train_step
 from medjax.schedules import pretrain_schedules
-from medjax.train import optim
-from medjax.train.pretrain import init_sharded_state, jit_train_step, make_train_step
-from medjax.train.pretrain_data import PretrainData
-from medjax.train.ssl_model import DTYPES, build_models
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/dinov2_reg.py:bench", "Pretraining config.")
 _STEPS = flags.DEFINE_integer("steps", 20, "Timed steps.")

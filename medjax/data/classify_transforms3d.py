@@ -1,7 +1,7 @@
 """Single-view transforms for supervised training and evaluation on 3D volumes.
 
 ``ClassifyTransforms`` with cubes for squares, for (D, H, W) volumes in the
-axial display layout of ``medjax.train.pretrain_data3d`` (W = left-right):
+axial display layout of ``medjax.data.sources`` (W = left-right):
 
 * ``eval``: the whole volume resized to ``size``**3 (trilinear, as the 3D
   multi-crop resizes), clipped to [0, 1] and normalised. An axis shorter or

@@ -30,7 +30,7 @@ from medjax.models.pos_embed import interpolate_pos_embed
 from medjax.models.vit import VisionTransformer
 
 # Official weights expect RGB normalised with ImageNet statistics; medjax normalises one gray
-# channel with their channel means (medjax.train.pretrain_config: c.crops.mean / c.crops.std).
+# channel with their channel means (configs/dinov2_reg.py: c.crops.mean / c.crops.std).
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 GRAY_MEAN = 0.449

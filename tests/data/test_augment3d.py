@@ -7,7 +7,7 @@ from medjax.data.augment3d import MultiCrop3DConfig, crop_box_3d, multicrop3d
 from medjax.data.masking import MaskingGenerator3D, mask_upper_bound, sample_batch_masks
 from medjax.data.pipeline import make_pretrain_dataset
 from medjax.data.slices import display_slice
-from medjax.train.pretrain_data3d import axial_dhw
+from medjax.data.sources import axial_dhw
 
 CFG = MultiCrop3DConfig(global_size=12, local_size=6, n_local=3)
 LO, HI = (0.0 - 0.449) / 0.226, (1.0 - 0.449) / 0.226

@@ -1,0 +1,173 @@
+"""What every job reads from a manifest: the slices or volumes of one split, and the demo dataset in place
+of a manifest.
+
+``slice_source`` gives 2D slices (through the ArrayRecord slice cache when ``config.data.cache_dir``
+is set); ``volume_source`` gives whole volumes from ``VolumeIndex`` (RAS+ (X, Y, Z), resampled to
+``config.data.target_spacing`` and normalised per volume) in the axial display layout (D, H, W): D
+runs from the feet to the head, and ``volume[k]`` is exactly the axial slice k a 2D job sees
+(anterior up, patient-right on the image left), so W is the left-right axis a flip mirrors. With
+``config.data.manifest`` empty the built-in demo dataset is written once (``demo_manifest``), and an
+evaluation of a demo run reuses that run's files when they are the same dataset (``use_run_demo_data``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import numpy as np
+
+from medjax import sharding
+from medjax.data.cache import CachedRecords, cache_is_valid, write_cache
+from medjax.data.demo import DEMO_LAYOUT_VERSION, write_demo_dataset
+from medjax.data.manifest import load_manifest
+from medjax.data.slices import SliceIndex, VolumeIndex
+
+DEMO_COLUMNS = ("lesion", "contrast", "series_description")  # the demo manifest's label and extra columns
+
+
+def demo_fingerprint(config) -> dict:
+    """What identifies a written demo dataset: its size, seed and file layout."""
+    d = config.data
+    return {"patients": d.demo_patients, "image_size": d.demo_image_size, "slices": d.demo_slices,
+            "seed": config.seed, "layout": DEMO_LAYOUT_VERSION}
+
+
+def is_demo_folder(folder: str, fingerprint: dict) -> bool:
+    """Whether ``folder`` holds the demo dataset of ``fingerprint`` (its stamp matches)."""
+    stamp = os.path.join(folder, "demo.json")
+    if not os.path.exists(stamp):
+        return False
+    with open(stamp) as f:
+        return json.load(f) == fingerprint
+
+
+def demo_manifest(config, workdir: str, say=None) -> str:
+    """Writes the built-in demo dataset (real DICOM series + NIfTI masks) once; returns its manifest."""
+    d = config.data
+    out = d.demo_dir or os.path.join(workdir, "demo_data")
+    manifest = os.path.join(out, "manifest.csv")
+    fingerprint = demo_fingerprint(config)
+    current = is_demo_folder(out, fingerprint)
+    stamp = os.path.join(out, "demo.json")
+    if not current and jax.process_index() == 0:
+        if say:
+            say(f"config.data.manifest is empty: writing the built-in demo dataset ({d.demo_patients} synthetic "
+                f"brain-MRI patients, T1/T2/FLAIR DICOM series) to {out} ...")
+        write_demo_dataset(out, num_patients=d.demo_patients, seed=config.seed, image_size=d.demo_image_size,
+                           slices=d.demo_slices)
+        with open(stamp, "w") as f:
+            json.dump(fingerprint, f)
+    elif say:
+        say(f"config.data.manifest is empty: using the built-in demo dataset in {out}.")
+    sharding.barrier("medjax_demo_data")  # the other processes read what process 0 wrote
+    return manifest
+
+
+def use_run_demo_data(config, run_dir: str) -> None:
+    """With no manifest and no demo_dir, point ``config.data.demo_dir`` at the pretraining run's demo files
+    when they are the same dataset (never rewriting that run's folder)."""
+    run_data = os.path.join(os.path.abspath(run_dir), "demo_data")
+    if not config.data.demo_dir and is_demo_folder(run_data, demo_fingerprint(config)):
+        config.data.demo_dir = run_data
+
+
+def split_rows(config, manifest_path: str, split: str, *, label_columns=(), extra_columns=()):
+    """``(normalisation dict, rows)`` of one split of a manifest: what slice and volume sources start from."""
+    d = config.data
+    try:
+        normalisation = json.loads(d.normalisation)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"config.data.normalisation is not valid JSON ({e.msg}): {d.normalisation!r}.") from None
+    ignore = tuple(c for c in d.extra_columns.split(",") if c) + tuple(extra_columns)
+    manifest = load_manifest(manifest_path, label_columns=label_columns,
+                             ignore_columns=tuple(c for c in ignore if c not in label_columns))
+    rows = manifest.split(split)
+    if not len(rows):
+        raise ValueError(f"The manifest {manifest_path} has no rows in the {split!r} split; add some or fix "
+                         "its split column.")
+    return normalisation, rows
+
+
+def slice_source(config, manifest_path: str, split: str, *, label_columns=(), extra_columns=(), say=None):
+    """The slices of one split of a manifest (through the slice cache when config.data.cache_dir is set)."""
+    d = config.data
+    normalisation, rows = split_rows(config, manifest_path, split, label_columns=label_columns,
+                                     extra_columns=extra_columns)
+    fingerprint = {"manifest": os.path.abspath(manifest_path), "mtime": os.path.getmtime(manifest_path),
+                   "split": split, "axis": d.slice_axis, "normalisation": normalisation,
+                   "skip_background": d.skip_background, "labels": list(label_columns),
+                   "target_spacing": list(d.target_spacing)}
+    if d.cache_dir and cache_is_valid(d.cache_dir, fingerprint):
+        return CachedRecords(d.cache_dir, fingerprint=fingerprint)
+    index = SliceIndex(rows, axis=d.slice_axis, skip_background=d.skip_background, normalisation=normalisation,
+                       label_columns=label_columns, skip_bad=d.skip_bad, target_spacing=tuple(d.target_spacing),
+                       cache_volumes=d.volumes_in_memory)
+    if say:
+        say(f"{split} split: {len(rows)} series of {len(rows.patients())} patients -> {len(index)} slices"
+            + (f" ({index.skipped['background_slices']} background slices skipped)"
+               if index.skipped["background_slices"] else ""))
+    if d.cache_dir and jax.process_index() == 0:
+        write_cache(index, d.cache_dir, fingerprint=fingerprint, say=say)
+        return CachedRecords(d.cache_dir, fingerprint=fingerprint)
+    return index
+
+
+def training_manifest(config, workdir: str, say=None) -> tuple[str, tuple[str, ...]]:
+    """``(manifest path, columns to accept besides the known ones)`` of ``config.data``: the config's
+    manifest, or the demo dataset's (written first if needed)."""
+    if not config.data.manifest:
+        return demo_manifest(config, workdir, say), DEMO_COLUMNS
+    if not os.path.exists(config.data.manifest):
+        raise FileNotFoundError(f"config.data.manifest={config.data.manifest!r} does not exist; give the path "
+                                "of a CSV manifest (columns patient_id, path, split, ...).")
+    return config.data.manifest, ()
+
+
+def training_source(config, workdir: str, say=None):
+    """The records to pretrain on: the training split of the manifest (or of the demo dataset's), as
+    slices, or as whole volumes when ``config.model.spatial_dims`` is 3."""
+    manifest, extra = training_manifest(config, workdir, say)
+    source = volume_source if config.model.spatial_dims == 3 else slice_source
+    return source(config, manifest, "train", extra_columns=extra, say=say)
+
+
+def axial_dhw(volume: np.ndarray) -> np.ndarray:
+    """An RAS+ (X, Y, Z) volume as (D, H, W) = (Z, A->P, R->L): ``out[k]`` is the axial display slice k."""
+    return np.ascontiguousarray(np.asarray(volume)[::-1, ::-1, :].transpose(2, 1, 0))
+
+
+class AxialVolumes:
+    """Random-access source of records whose ``image`` is a (D, H, W) volume (see ``axial_dhw``)."""
+
+    def __init__(self, index: VolumeIndex):
+        self.index = index
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, i: int) -> dict:
+        record = dict(self.index[i])
+        record.pop("mask", None)  # pretraining reads images only
+        record["image"] = axial_dhw(record["image"])
+        return record
+
+
+def volume_source(config, manifest_path: str, split: str, *, label_columns=(), extra_columns=(),
+                  say=None) -> AxialVolumes:
+    """The volumes of one split of a manifest, resampled, normalised and in the (D, H, W) layout; with
+    ``label_columns`` each record carries their codes (``label``, then ``label_<column>``), as a slice's."""
+    d = config.data
+    normalisation, rows = split_rows(config, manifest_path, split, label_columns=label_columns,
+                                     extra_columns=extra_columns)
+    index = VolumeIndex(rows, normalisation=normalisation, label_columns=label_columns, skip_bad=d.skip_bad,
+                        target_spacing=tuple(d.target_spacing), cache_volumes=d.volumes_in_memory)
+    if say:
+        shapes = {tuple(int(n) for n in axial_dhw(index[0]["image"]).shape)} if len(index) else set()
+        first = f"; first volume {'x'.join(map(str, next(iter(shapes))))} (D x H x W)" if shapes else ""
+        spacing = (f" at {'x'.join(f'{s:g}' for s in d.target_spacing)} mm" if d.target_spacing
+                   else " on their own voxel grids (config.data.target_spacing is empty)")
+        say(f"{split} split: {len(rows)} series of {len(rows.patients())} patients -> {len(index)} volumes"
+            f"{spacing}{first}")
+    return AxialVolumes(index)

@@ -1,0 +1,44 @@
+"""The fine-tuning job's config check: one sentence naming the first bad value."""
+
+from __future__ import annotations
+
+from medjax.data import fractions as fr
+
+INITS = ("checkpoint", "official", "random")
+BASELINES = ("random",)
+KEEP = ("best_val", "last")
+
+
+def validate(config) -> None:
+    """One sentence naming the first bad value."""
+    f = config.finetune
+    if f.init not in INITS:
+        raise ValueError(f"config.finetune.init={f.init!r} is not valid; choose one of {', '.join(INITS)}.")
+    if f.keep not in KEEP:
+        raise ValueError(f"config.finetune.keep={f.keep!r} is not valid; choose one of {', '.join(KEEP)}.")
+    unknown = [b for b in f.baselines if b not in BASELINES]
+    if unknown:
+        raise ValueError(f"config.finetune.baselines holds {unknown[0]!r}; the known baselines are "
+                         f"{', '.join(BASELINES)} (or none: '()').")
+    fr.validate_fractions(f.label_fractions, "config.finetune.label_fractions")
+    if not f.label_fractions or not f.fraction_seeds:
+        raise ValueError("config.finetune.label_fractions and config.finetune.fraction_seeds need at least one "
+                         "value each, e.g. (1.0,) and (0,).")
+    for key in ("epochs", "batch_size", "eval_batch", "base_lr"):
+        if f[key] <= 0:
+            raise ValueError(f"config.finetune.{key}={f[key]!r} must be a positive number.")
+    for key in ("eval_every", "warmup_epochs", "weight_decay", "min_lr", "clip_grad", "image_size",
+                "drop_path_rate"):
+        if f[key] < 0:
+            raise ValueError(f"config.finetune.{key}={f[key]!r} must be 0 or positive.")
+    if f.warmup_epochs > f.epochs:
+        raise ValueError(f"config.finetune.warmup_epochs={f.warmup_epochs} is longer than config.finetune.epochs="
+                         f"{f.epochs}; shorten the warm-up.")
+    if not 0 < f.layerwise_decay <= 1:
+        raise ValueError(f"config.finetune.layerwise_decay={f.layerwise_decay} must lie in (0, 1] (1 = no decay).")
+    if config.model.spatial_dims not in (2, 3):
+        raise ValueError(f"config.model.spatial_dims={config.model.spatial_dims!r} must be 2 (slices) or 3 "
+                         "(volumes).")
+    if config.model.spatial_dims == 3 and f.init == "official":
+        raise ValueError("config.finetune.init=official loads 2D DINOv2 weights, but config.model.spatial_dims=3 "
+                         "asks for a 3D backbone; use init=checkpoint with a 3D pretraining run, or init=random.")

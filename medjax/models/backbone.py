@@ -1,0 +1,61 @@
+"""The backbone a config describes: ``config.model`` (+ the global crop size) -> a ``VisionTransformer``.
+
+Every job builds its ViT here, whichever objective trained it, so a run of any pretraining
+objective opens the same way (``medjax.runs``).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from medjax.models.vit import MODELS, VisionTransformer, build_backbone
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def backbone_kwargs(config) -> dict:
+    """VisionTransformer fields from ``config.model`` and ``config.crops.global_size`` (explicit sizes
+    override the arch's)."""
+    m = config.model
+    kwargs = dict(
+        img_size=config.crops.global_size,
+        patch_size=m.patch_size,
+        in_chans=m.in_chans,
+        num_register_tokens=m.num_register_tokens,
+        ffn_layer=m.ffn_layer,
+        init_values=m.layerscale if m.layerscale > 0 else None,
+        drop_path_rate=m.drop_path_rate,
+        drop_path_uniform=m.drop_path_uniform,
+        interpolate_antialias=m.interpolate_antialias,
+        interpolate_offset=m.interpolate_offset,
+        dtype=DTYPES[m.dtype],
+        remat=m.remat,
+        spatial_dims=m.spatial_dims,
+    )
+    for key in ("embed_dim", "depth", "num_heads"):
+        if m[key] is not None:
+            kwargs[key] = m[key]
+    return kwargs
+
+
+def backbone_from_config(config) -> VisionTransformer:
+    """The ViT of ``config.model`` at ``config.crops.global_size``; an unknown arch is one sentence."""
+    if config.model.arch not in MODELS:
+        raise ValueError(f"Unknown config.model.arch {config.model.arch!r}; choose one of {', '.join(MODELS)}.")
+    return build_backbone(config.model.arch, **backbone_kwargs(config))
+
+
+def dummy_input(backbone: VisionTransformer) -> jax.Array:
+    """One zero image of the backbone's size, channels and dimensionality (what ``init`` traces)."""
+    return jnp.zeros((1,) + (backbone.img_size,) * backbone.spatial_dims + (backbone.in_chans,), jnp.float32)
+
+
+def dinov2_init(backbone: VisionTransformer, key: jax.Array) -> dict:
+    """A DINOv2 run's backbone initialisation from ``key`` (the first of three keys split from it: the
+    others initialise the heads): the random-init baseline of every evaluation.
+
+    Op by op, not jitted: XLA's fused truncated-normal draws differ from eager ones in the last bits, and
+    the baselines in published tables (probe, in-run evaluation) were drawn eagerly.
+    """
+    return backbone.init(jax.random.split(key, 3)[0], dummy_input(backbone))["params"]

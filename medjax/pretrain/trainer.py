@@ -1,0 +1,295 @@
+"""DINOv2 pretraining: train state, the jitted step, and the loop (log, plot, checkpoint, resume).
+
+Read top to bottom: ``PretrainState`` -> ``make_train_step`` (pure; schedules
+are functions of the step) -> ``run`` (data, resume, loop). The loop fetches
+metrics from the device only at log and checkpoint steps; a non-finite loss
+found there stops the run before anything is saved, so the last checkpoint on
+disk is always a good one.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import time
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from medjax import checkpoint, console, optim, reporting, sharding
+from medjax.models.backbone import dinov2_init
+from medjax.pretrain.batches import PretrainData
+from medjax.pretrain.loss_model import LossConfig, build_models, init_params, ssl_loss
+from medjax.pretrain.validate import validate
+from medjax.probe import Evaluator
+from medjax.schedules import pretrain_schedules
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss or the parameters became NaN/inf; the run stops without saving."""
+
+
+class PretrainState(flax.struct.PyTreeNode):
+    step: jax.Array
+    student: dict
+    teacher: dict
+    opt_state: Any
+    dino_center: jax.Array
+    ibot_center: jax.Array
+
+
+def init_state(models, config, rng, adam: optax.GradientTransformation) -> PretrainState:
+    student = init_params(models, rng, config)
+    k_ibot = config.head.ibot_n_prototypes if models.ibot_head is not None else config.head.n_prototypes
+    return PretrainState(
+        step=jnp.zeros((), jnp.int32),
+        student=student,
+        teacher=jax.tree.map(jnp.copy, student),
+        opt_state=adam.init(student),
+        dino_center=jnp.zeros((1, config.head.n_prototypes), jnp.float32),
+        ibot_center=jnp.zeros((1, k_ibot), jnp.float32),
+    )
+
+
+def init_sharded_state(models, config, rng, adam, mesh) -> tuple[PretrainState, PretrainState]:
+    """The initial state created directly in its layout on ``mesh``, and that layout (a pytree of
+    NamedShardings): every leaf of ``config.mesh.fsdp_min_size`` elements or more split over the
+    ``fsdp`` axis (student, teacher, Adam moments and centres alike), the rest replicated."""
+
+    def init(r):
+        return init_state(models, config, r, adam)
+
+    shardings = sharding.param_shardings(jax.eval_shape(init, rng), mesh, config.mesh.fsdp_min_size)
+    return jax.jit(init, out_shardings=shardings)(rng), shardings
+
+
+def start_from_official(state: PretrainState, shardings, models, path: str) -> PretrainState:
+    """Student and teacher backbones from Meta's DINOv2 weights (continued pretraining on scans).
+
+    The config's model must have the weights' architecture (e.g. ``:vits14`` with 4 registers for
+    ``dinov2_vits14_reg4_pretrain.pth``); RGB patch kernels are folded for 1-channel inputs and the
+    positional embedding is resized to the global crop size. The heads start from scratch, as the
+    released weights have none. Only a fresh run does this: a resumed run restores its checkpoint.
+    """
+    from medjax.models.convert import load_official
+
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"config.model.init_weights={path!r} does not exist; give the path of official "
+                                "DINOv2 backbone weights (.pth, .npz or .safetensors).")
+    _, backbone = load_official(path, model=models.backbone)
+    state = state.replace(student={**state.student, "backbone": backbone},
+                          teacher={**state.teacher, "backbone": backbone})
+    return jax.device_put(state, shardings)
+
+
+def jit_train_step(train_step, state_shardings, batch_shardings: dict, mesh):
+    """``train_step`` compiled once with explicit layouts: state as ``state_shardings`` (donated),
+    batch entries split over the devices, rng and metrics replicated."""
+    replicated = sharding.replicated(mesh)
+    return jax.jit(
+        train_step,
+        in_shardings=(state_shardings, batch_shardings, replicated),
+        out_shardings=(state_shardings, replicated),
+        donate_argnums=0,
+    )
+
+
+def make_train_step(models, config, schedules, rules: optim.ParamRules, adam):
+    """The pure train step ``(state, batch, rng) -> (state, metrics)``."""
+    loss_cfg = LossConfig.from_config(config)
+    loss_fn = functools.partial(ssl_loss, models=models, cfg=loss_cfg)
+    clip = config.optim.clip_grad
+    n_prototypes = config.head.n_prototypes
+
+    def train_step(state: PretrainState, batch: dict, rng: jax.Array):
+        hp = schedules.values(state.step)
+        step_rng = jax.random.fold_in(rng, state.step)
+        centers = (state.dino_center, state.ibot_center)
+        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+        (loss, (metrics, (dino_center, ibot_center))), grads = grad_fn(
+            state.student, state.teacher, batch, centers, hp["teacher_temp"], step_rng
+        )
+        grads, grad_norm = optim.clip_per_module(grads, clip)
+        adam_updates, opt_state = adam.update(grads, state.opt_state)
+        student = optim.adamw_step(
+            state.student,
+            adam_updates,
+            rules,
+            lr=hp["lr"],
+            last_layer_lr=hp["last_layer_lr"],
+            weight_decay=hp["weight_decay"],
+        )
+        m = hp["teacher_momentum"]
+        # The teacher follows the updated student (official order: optimizer step, then EMA).
+        teacher = jax.tree.map(lambda t, s: m * t + (1.0 - m) * s, state.teacher, student)
+        finite = jnp.isfinite(loss) & jnp.isfinite(optax.global_norm(student))
+        metrics = {
+            **metrics,
+            **hp,
+            "grad_norm": grad_norm,
+            "finite": finite.astype(jnp.float32),
+            "log_prototypes": jnp.log(jnp.float32(n_prototypes)),
+        }
+        new_state = PretrainState(
+            step=state.step + 1,
+            student=student,
+            teacher=teacher,
+            opt_state=opt_state,
+            dino_center=dino_center,
+            ibot_center=ibot_center,
+        )
+        return new_state, metrics
+
+    return train_step
+
+
+def _mean_metrics(pending: list[tuple[int, dict]]) -> dict:
+    """Host copy of the window's metrics: losses averaged, the last step checked for finiteness."""
+    host = [(step, jax.device_get(m)) for step, m in pending]
+    for step, m in host:
+        if not m["finite"]:
+            losses = {k: float(v) for k, v in m.items() if k.endswith("loss")}
+            raise NonFiniteLossError(
+                f"Non-finite loss or parameters at step {step}: "
+                + ", ".join(f"{k}={v:.4g}" for k, v in sorted(losses.items()))
+                + "; the run stopped and the last checkpoint was kept. Lower config.optim.base_lr, "
+                "raise config.optim.warmup_epochs or use float32 (config.model.dtype)."
+            )
+    out = {k: float(v) for k, v in host[-1][1].items() if k != "finite"}
+    for k in out:
+        if k.endswith("loss") or k.endswith("entropy") or k == "grad_norm":
+            out[k] = float(np.mean([m[k] for _, m in host]))
+    return out
+
+
+def run(config, workdir: str) -> dict:
+    """Pretrains per ``config`` in ``workdir`` (resuming from its latest checkpoint); returns a summary."""
+    validate(config)
+    is_main = jax.process_index() == 0
+    mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
+    global_batch = config.train.batch_size_per_device * mesh.size
+    models = build_models(config)
+    schedules = pretrain_schedules(config, global_batch)
+    total_steps = config.optim.epochs * config.train.epoch_length
+    stop_step = total_steps if config.train.stop_at_step < 0 else min(config.train.stop_at_step, total_steps)
+
+    adam = optim.make_adam(config.optim.adamw_beta1, config.optim.adamw_beta2)
+    rng = jax.random.PRNGKey(config.seed)
+    init_rng, step_rng = jax.random.split(rng)
+    state, state_shardings = init_sharded_state(models, config, init_rng, adam, mesh)
+    if config.model.init_weights:
+        state = start_from_official(state, state_shardings, models, config.model.init_weights)
+    rules = optim.ParamRules.from_params(
+        state.student,
+        depth=models.backbone.depth,
+        layerwise_decay=config.optim.layerwise_decay,
+        patch_embed_lr_mult=config.optim.patch_embed_lr_mult,
+    )
+
+    data = PretrainData(config, mesh, workdir, say=console.say)
+    ckpt = checkpoint.Checkpointer(workdir, max_to_keep=config.train.keep_checkpoints)
+    meta = {
+        "fingerprint": checkpoint.tree_fingerprint(state.student),
+        "config": checkpoint.dumps_config(config),
+    }
+    start = ckpt.latest_step()
+    if start is not None:
+        state, _ = ckpt.restore(start, state, data.iterator, meta)
+        console.say(f"Resumed from step {start} of {total_steps} ({ckpt.directory}).")
+    start = start or 0
+
+    step_fn = jit_train_step(make_train_step(models, config, schedules, rules, adam), state_shardings,
+                             data.shardings, mesh)
+    reporter = reporting.Reporter(
+        workdir, total_steps=total_steps, images_per_step=global_batch, is_main=is_main
+    )
+    evaluator = None
+    if config.evals.every or config.evals.final:
+        backbone = models.backbone
+        evaluator = Evaluator(config, backbone, workdir,
+                              random_params=lambda seed: dinov2_init(backbone, jax.random.PRNGKey(seed)))
+    overview = os.path.join(workdir, "training_overview.png")
+    jsonl = reporter.jsonl_path
+    t_start, pending, last, final_table = time.perf_counter(), [], {}, ""
+    try:
+        for step in range(start, stop_step):
+            state, metrics = step_fn(state, data.next_batch(), step_rng)
+            pending.append((step, metrics))
+            done = step + 1
+            is_ckpt = done % config.train.checkpoint_every == 0 or done == stop_step
+            if done % config.train.log_every == 0 or is_ckpt or done == start + 1:
+                last = _mean_metrics(pending)
+                pending = []
+                last = reporter.write(done, last)
+                reporter.progress(done, last)
+                if done == start + 1:
+                    reporter.start(done)  # throughput excludes compilation
+            if is_ckpt:
+                ckpt.save(done, state, data.iterator, meta)
+            if evaluator is not None and done == stop_step and config.evals.final:
+                scores, final_table = evaluator.final(state.teacher["backbone"], done,
+                                                      checkpoint.step_dir(workdir, done), config.seed)
+                reporter.write(done, scores)
+            elif evaluator is not None and config.evals.every and done % config.evals.every == 0:
+                reporter.write(done, evaluator(state.teacher["backbone"], done))
+            if is_main and (done % config.train.plot_every == 0 or done == stop_step):
+                reporter.flush()
+                reporting.plot_training_overview(jsonl, overview, title=_title(config))
+    finally:
+        ckpt.close()
+        reporter.close()
+        data.close()
+    minutes = (time.perf_counter() - t_start) / 60
+    summary = {
+        "workdir": os.path.abspath(workdir),
+        "steps": stop_step,
+        "total_steps": total_steps,
+        "minutes": minutes,
+        "final_metrics": last,
+    }
+    if is_main and stop_step > start:
+        _print_summary(summary, config)
+        if final_table:
+            console.say(f"\nWhat pretraining bought (teacher at step {stop_step} vs random init; {workdir}/eval/):\n\n"
+                        f"{final_table}")
+    return summary
+
+
+def _title(config) -> str:
+    m = config.model
+    regs = f", {m.num_register_tokens} registers" if m.num_register_tokens else ""
+    return f"medjax pretraining: {m.arch}{regs}, patch {m.patch_size}"
+
+
+def collapse_verdict(teacher_entropy: float, batch_entropy: float, n_prototypes: int) -> str:
+    """One line on the teacher's state: uniform, a single mode, or neither."""
+    log_k = float(np.log(n_prototypes))
+    if teacher_entropy > 0.98 * log_k:
+        return ("collapsed to uniform: every image gets the same flat target (expected early in a run much "
+                "shorter than the teacher's EMA horizon; see training_overview.png)")
+    if batch_entropy < 0.1 * log_k:
+        return "collapsed to one mode: every image gets the same sharp target (see training_overview.png)"
+    # batch_entropy - teacher_entropy is the information the target carries about the image.
+    if batch_entropy - teacher_entropy < 0.05 * log_k:
+        return (f"targets carry little information about the image yet ({batch_entropy - teacher_entropy:.2f} "
+                "nats: the batch mean is nearly as spread as each target); judge the features by config.evals")
+    return "not collapsed: targets are image-specific and spread over the prototypes"
+
+
+def _print_summary(summary: dict, config) -> None:
+    last = summary["final_metrics"]
+    k = config.head.n_prototypes
+    verdict = collapse_verdict(last.get("teacher_entropy", np.nan), last.get("teacher_batch_entropy", np.nan), k)
+    console.say(f"\nPretraining finished at step {summary['steps']} of {summary['total_steps']} "
+                f"({summary['minutes']:.1f} min in this run).\n"
+                f"  final loss {last.get('loss', float('nan')):.4f}"
+                f" (dino {last.get('dino_global_loss', 0) + last.get('dino_local_loss', 0):.4f},"
+                f" ibot {last.get('ibot_loss', 0):.4f}, koleo {last.get('koleo_loss', 0):.4f})\n"
+                f"  teacher entropy {last.get('teacher_entropy', float('nan')):.2f} nats per sample,"
+                f" {last.get('teacher_batch_entropy', float('nan')):.2f} for the batch mean"
+                f" (uniform = {np.log(k):.2f}, one-hot = 0): {verdict}\n"
+                f"  workdir {summary['workdir']}: checkpoints/, tensorboard/, metrics.jsonl, training_overview.png")

@@ -1,0 +1,124 @@
+"""What a linear probe leaves in its workdir: results.json, results.md and the plots a person looks at."""
+
+from __future__ import annotations
+
+import json
+import os
+
+from medjax.probe import linear_heads as lh
+
+_METRIC_NAMES = {"accuracy": "accuracy", "balanced_accuracy": "bal. acc", "mean_auc": "mean AUC",
+                 "macro_f1": "macro F1", "macro_auc": "macro AUC"}
+
+
+def _checkpoint_cell(record: dict) -> str:
+    if record.get("step") is None:
+        return f"seed {record['seed']}"
+    return f"step {record['step']}" + ("" if record.get("latest", True) else " (not latest)")
+
+
+def markdown_table(results: dict) -> str:
+    """One row per backbone: the best head, its configuration, its val and test scores."""
+    if results.get("multilabel"):
+        cols = [("val", "mean_auc"), ("test", "mean_auc")]
+    else:
+        cols = [("val", "accuracy"), ("val", "balanced_accuracy"), ("test", "accuracy"),
+                ("test", "balanced_accuracy"), ("test", "macro_f1"), ("test", "macro_auc")]
+    head = ["backbone", "checkpoint", "best head", "blocks", "avgpool", "lr"] + [
+        f"{split} {_METRIC_NAMES[m]}" for split, m in cols]
+    rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, r in results["backbones"].items():
+        c = r["best_head_config"]
+        cells = [name, _checkpoint_cell(r["checkpoint"]), r["best_head"], str(c["n_blocks"]), str(c["avgpool"]),
+                 f"{c['lr']:g}"] + [f"{r[split][m]:.3f}" for split, m in cols]
+        rows.append("| " + " | ".join(cells) + " |")
+    return "\n".join(rows) + "\n"
+
+
+def few_label_table(results: dict) -> str:
+    """Test score (mean +- std over seeds) per label fraction, one column per backbone."""
+    backbones = {n: r["few_labels"] for n, r in results["backbones"].items() if r.get("few_labels")}
+    if not backbones:
+        return ""
+    metric = "mean_auc" if results.get("multilabel") else next(iter(results["backbones"].values()))["selection"]
+    names = list(backbones)
+    rows = ["| train patients | " + " | ".join(f"{n} test {_METRIC_NAMES[metric]}" for n in names) + " |",
+            "|---|" + "---|" * len(names)]
+    for i, entry in enumerate(backbones[names[0]]):
+        cells = []
+        for n in names:
+            t = backbones[n][i]["test"][metric]
+            cells.append(f"{t['mean']:.3f} +- {t['std']:.3f} (n={len(t['values'])})")
+        rows.append(f"| {entry['fraction']:.0%} ({entry['runs'][0]['train_patients']}) | " + " | ".join(cells) + " |")
+    return "\n".join(rows) + "\n"
+
+
+def plot_lr_curves(results: dict, path: str) -> None:
+    """Final val score against the learning rate, one line per layout, one panel per backbone."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    backbones = results["backbones"]
+    fig = Figure(figsize=(5.5 * len(backbones), 4.2))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, len(backbones), squeeze=False)[0]
+    for ax, (name, r) in zip(axes, backbones.items()):
+        metric = r["selection"]
+        per_head = r["val_per_head"][metric]
+        for n, a in lh.LAYOUTS:
+            key = lh.layout_key(n, a)
+            ax.plot(lh.LR_GRID, [per_head[f"{key}_lr{lr:g}"] for lr in lh.LR_GRID],
+                    marker="o", label=f"last {n} CLS" + (" + mean patch" if a else ""))
+        ax.set_xscale("log")
+        ax.set_ylim(0.0, 1.02)
+        ax.set_xlabel("learning rate (grid value, before batch scaling)")
+        ax.set_ylabel(f"val {_METRIC_NAMES[metric]}")
+        ax.set_title(f"{name}: best {r['best_head']}", fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def plot_few_labels(results: dict, path: str) -> None:
+    """Test score against the fraction of training patients (log scale), mean +- std per backbone."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(5.5, 4.2))
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    metric = None
+    for name, r in results["backbones"].items():
+        metric = "mean_auc" if results.get("multilabel") else r["selection"]
+        curve = r["few_labels"]
+        x = [100 * e["fraction"] for e in curve]
+        mean = [e["test"][metric]["mean"] for e in curve]
+        std = [e["test"][metric]["std"] for e in curve]
+        ax.errorbar(x, mean, yerr=std, marker="o", capsize=3, label=name)
+    ax.set_xscale("log")
+    ax.set_xlabel("training patients with labels (%)")
+    ax.set_ylabel(f"test {_METRIC_NAMES[metric]} (best head on val)")
+    ax.set_ylim(0.0, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def write(results: dict, workdir: str) -> str:
+    """Writes results.json, results.md and the PNGs; returns the markdown shown at the end of a run."""
+    with open(os.path.join(workdir, "results.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    any_result = next(iter(results["backbones"].values()))
+    table = markdown_table(results)
+    few = few_label_table(results)
+    text = (f"Task: {results['task']}. Best head by final val {any_result['selection']} over "
+            f"{len(lh.head_names())} heads ({any_result['features']} features), reported on test.\n\n{table}")
+    if few:
+        text += f"\nFew labels (whole patients, stratified, best head on val per draw):\n\n{few}"
+        plot_few_labels(results, os.path.join(workdir, "probe_few_labels.png"))
+    with open(os.path.join(workdir, "results.md"), "w") as f:
+        f.write(f"# Linear probe of {results['run_dir']}\n\n{text}")
+    plot_lr_curves(results, os.path.join(workdir, "probe_lr_curves.png"))
+    return text

@@ -1,0 +1,319 @@
+"""The linear-probe trainer: DINOv2's 52-head linear evaluation of a pretraining run's teacher backbone.
+
+    python -m medjax.main --config=configs/linear_probe.py:demo --workdir=runs/probe \
+        --config.probe.checkpoint_dir=runs/demo
+
+The backbone is frozen, so its features are computed once per backbone (eval
+transform: the whole slice resized to the global crop size and normalised as in
+pretraining) and the 52 heads of ``linear_heads`` are trained on those arrays;
+no image passes through the ViT again during training. ``probe.features =
+"augmented"`` trains as the reference does instead, on random-resized crops and
+flips of the training slices pushed through the frozen backbone at every step
+(a forward pass per step: slower, and closer to the published protocol).
+
+Every head is evaluated on val at fixed intervals and at the end; the head with
+the best final val score is the one reported on test, as in the reference. The
+same protocol runs on a randomly initialised backbone so that a reader can see
+how much of the score pretraining earned. With ``probe.label_fractions`` the
+protocol is repeated on 1 %, 10 %, ... of the training patients (whole
+patients, stratified by class, one draw per seed) and the test score of each
+draw's best-on-val head is reported as mean and spread.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from PIL import Image
+
+from medjax import console, metrics, runs
+from medjax.batching import map_batched
+from medjax.checkpoint import content_hash
+from medjax.data.augment import crop_box
+from medjax.data.fractions import subset_indices, summarise
+from medjax.probe import linear_heads as lh
+from medjax.probe import report as probe_report
+from medjax.probe.data import load_splits
+from medjax.probe.validate import SELECTIONS, validate
+
+_EVAL_CHUNK = 1024  # rows per evaluate() call: bounds the (52, rows, C) logits in memory
+
+
+# ---------------------------------------------------------------- features
+
+
+@functools.lru_cache(maxsize=4)
+def _feature_fn(backbone):
+    """One jitted feature function per backbone module, with the params as an argument: the
+    pretrained and the random-init backbone share one compiled program."""
+
+    @jax.jit
+    def one(params, x):
+        out = backbone.apply({"params": params}, x, train=False, n_last_blocks=4)
+        return lh.probe_features(out["last_blocks_norm"], backbone.num_register_tokens)
+
+    return one
+
+
+def embed(backbone, params, images: np.ndarray, batch: int) -> dict:
+    """``probe_features`` of every image, as numpy: computed once, then only the heads train.
+
+    The last batch is padded to full size so that one compiled shape serves every batch.
+    """
+    one = _feature_fn(backbone)
+    return map_batched(lambda x: one(params, x), images, batch)
+
+
+def augment(images: np.ndarray, rng: np.random.Generator, mean: float, std: float,
+            scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)) -> np.ndarray:
+    """The reference's training transform on eval-transformed slices: a random resized crop back to
+    the same size (bicubic) and a horizontal flip with probability 0.5."""
+    out = np.empty_like(images)
+    size = images.shape[1]
+    for i, x in enumerate(images):
+        plane = Image.fromarray(x[..., 0] * np.float32(std) + np.float32(mean), mode="F")
+        top, left, h, w = crop_box(size, size, scale, ratio, rng)
+        y = np.asarray(plane.resize((size, size), Image.BICUBIC, box=(left, top, left + w, top + h)))
+        y = (np.clip(y, 0.0, 1.0) - np.float32(mean)) / np.float32(std)
+        out[i, ..., 0] = y[:, ::-1] if rng.random() < 0.5 else y
+    return out
+
+
+# ---------------------------------------------------------------- training and scoring the 52 heads
+
+
+def all_logits(state, feats: dict) -> np.ndarray:
+    """``(52, N, C)`` logits of every head."""
+    n = len(feats["patch_mean"])
+    return np.concatenate([np.asarray(lh.evaluate(state, {k: v[i:i + _EVAL_CHUNK] for k, v in feats.items()}))
+                           for i in range(0, n, _EVAL_CHUNK)], axis=1)
+
+
+def head_scores(logits: np.ndarray, labels: np.ndarray, multilabel: bool) -> dict[str, list[float]]:
+    """Every head's score under each selection metric of the task."""
+    if multilabel:
+        return {"mean_auc": [metrics.mean_label_auc(labels, h)[0] for h in logits]}
+    preds = logits.argmax(-1)
+    return {"accuracy": [metrics.accuracy(labels, p) for p in preds],
+            "balanced_accuracy": [metrics.balanced_accuracy(labels, p) for p in preds]}
+
+
+def best_head(scores: list[float]) -> int:
+    """Index of the best head; the first wins ties (the smaller lr, fewer blocks)."""
+    s = np.asarray(scores, np.float64)
+    if not np.isfinite(s).any():
+        raise ValueError("No head has a finite validation score (every label is constant on val?); the val "
+                         "split needs both positive and negative examples of some label.")
+    return int(np.nanargmax(s))
+
+
+def train_heads(p, train_batch, n: int, labels: np.ndarray, val_feats: dict, val_labels: np.ndarray,
+                num_classes: int, seed: int, multilabel: bool, say=console.say):
+    """Trains the 52 heads; returns the state, the val history ``[{step, <metric>: [52]}]`` and the schedule.
+
+    ``train_batch(index, rng) -> features`` gives the features of training rows ``index``
+    (gathered from precomputed arrays, or augmented images through the backbone).
+    Batches are consecutive slices of per-epoch permutations from ``seed``, all of one size (one
+    compile); a training set smaller than ``batch_size`` gives batches of the whole set, and the
+    grid's lr scaling uses that real batch size.
+    """
+    batch = min(p.batch_size, n)
+    steps_per_epoch = p.epoch_length or math.ceil(n / batch)
+    total = p.epochs * steps_per_epoch
+    eval_every = p.eval_every or steps_per_epoch
+    rng = np.random.default_rng(seed)
+    dim = val_feats["patch_mean"].shape[1]
+    state = lh.init_state(jax.random.PRNGKey(seed), dim, num_classes, batch)
+    order, pos, history = rng.permutation(n), 0, []
+    device_labels = jnp.asarray(labels, jnp.float32 if multilabel else jnp.int32)
+    for step in range(total):
+        if pos + batch > n:
+            order, pos = rng.permutation(n), 0
+        idx = order[pos:pos + batch]
+        pos += batch
+        state, losses = lh.train_step(state, train_batch(idx, rng), device_labels[jnp.asarray(idx)],
+                                      lh.cosine_factor(step, total), multilabel=multilabel)
+        if (step + 1) % eval_every == 0 or step + 1 == total:
+            scores = head_scores(all_logits(state, val_feats), val_labels, multilabel)
+            history.append({"step": step + 1, **scores})
+            say(f"  step {step + 1}/{total}: mean loss {float(jnp.mean(losses)):.4f}, "
+                + ", ".join(f"best val {k.replace('_', ' ')} {np.nanmax(v):.3f}" for k, v in scores.items()))
+    return state, history, {"batch_size": batch, "steps": total, "steps_per_epoch": steps_per_epoch,
+                            "eval_every": eval_every}
+
+
+def _precomputed(feats: dict):
+    device = {k: jnp.asarray(v) for k, v in feats.items()}
+    return lambda idx, rng: {k: v[jnp.asarray(idx)] for k, v in device.items()}
+
+
+def _augmented(backbone, params, images: np.ndarray, mean: float, std: float):
+    one = _feature_fn(backbone)
+    return lambda idx, rng: one(params, augment(images[idx], rng, mean, std))
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits.astype(np.float64) - logits.max(-1, keepdims=True)
+    return np.exp(z) / np.exp(z).sum(-1, keepdims=True)
+
+
+def test_report(logits: np.ndarray, labels: np.ndarray, class_names, multilabel: bool) -> dict:
+    """The test metrics of one head: the classification report, or per-label AUCs for multi-label."""
+    if multilabel:
+        probs = 1.0 / (1.0 + np.exp(-logits.astype(np.float64)))
+        mean, per_label, excluded = metrics.mean_label_auc(labels, probs)
+        return {"num_samples": int(len(labels)), "mean_auc": mean,
+                "per_label": [{"name": n, "positives": int(labels[:, i].sum()), "auc": float(per_label[i])}
+                              for i, n in enumerate(class_names)],
+                "auc_excluded_labels": [class_names[i] for i in excluded]}, probs
+    probs = softmax(logits)
+    return metrics.classification_report(labels, logits.argmax(-1), probs, class_names), probs
+
+
+def probe_features_of(name, backbone, params, splits: dict, config, say=console.say) -> dict:
+    """``{split: features}`` of one backbone (the val and test features of every mode)."""
+    say(f"{name}: computing features of {sum(len(s.labels) for s in splits.values())} slices ...")
+    return {s: embed(backbone, params, split.images, config.probe.feature_batch)
+            for s, split in splits.items()}
+
+
+def fit_and_select(backbone, params, feats: dict, splits: dict, num_classes: int, multilabel: bool, config,
+                   seed: int, train_index=None, say=console.say) -> dict:
+    """Trains the heads on (a subset of) train, picks the best on val; returns state, index, history."""
+    p = config.probe
+    train = splits["train"] if train_index is None else splits["train"].subset(train_index)
+    if p.features == "augmented":
+        batches = _augmented(backbone, params, train.images, config.crops.mean[0], config.crops.std[0])
+    else:
+        train_feats = feats["train"] if train_index is None else {k: v[train_index] for k, v in feats["train"].items()}
+        batches = _precomputed(train_feats)
+    state, history, schedule = train_heads(p, batches, len(train.labels), train.labels, feats["val"],
+                                           splits["val"].labels, num_classes, seed, multilabel, say)
+    return {"state": state, "best": best_head(history[-1][p.selection]), "history": history,
+            "schedule": schedule, "train_slices": int(len(train.labels)),
+            "train_patients": int(len(set(train.patients.tolist())))}
+
+
+def probe_backbone(name, backbone, params, splits, class_names, multilabel, config, workdir, say=console.say) -> dict:
+    """The whole protocol for one backbone (and its few-label repeats); returns its JSON-ready result."""
+    p = config.probe
+    feats = probe_features_of(name, backbone, params, splits, config, say)
+    fit = fit_and_select(backbone, params, feats, splits, len(class_names), multilabel, config, config.seed, say=say)
+    names, best, final = lh.head_names(), fit["best"], fit["history"][-1]
+    n_blocks, avgpool = lh.LAYOUTS[best // len(lh.LR_GRID)]
+    lr = lh.LR_GRID[best % len(lh.LR_GRID)]
+    val_report, _ = test_report(all_logits(fit["state"], feats["val"])[best], splits["val"].labels, class_names,
+                                multilabel)
+    report, probs = test_report(all_logits(fit["state"], feats["test"])[best], splits["test"].labels,
+                                class_names, multilabel)
+    if not multilabel:
+        metrics.save_confusion_matrix_png(report["confusion_matrix"], class_names,
+                                          os.path.join(workdir, f"confusion_{name}.png"),
+                                          title=f"{name}: {names[best]} on test ({len(probs)} slices)")
+    result = {
+        "best_head": names[best],
+        "best_head_config": {"n_blocks": n_blocks, "avgpool": avgpool, "lr": lr,
+                             "lr_scaled": lr * fit["schedule"]["batch_size"] / 256.0},
+        "selection": p.selection,
+        "features": p.features,
+        "schedule": fit["schedule"],
+        "num_slices": {s: int(len(split.labels)) for s, split in splits.items()},
+        "val": val_report,
+        "test": report,
+        "val_per_head": {k: dict(zip(names, v)) for k, v in final.items() if k != "step"},
+        "val_history": [{"step": h["step"], **{f"best_{k}": float(np.nanmax(v)) for k, v in h.items()
+                                               if k != "step"}} for h in fit["history"]],
+        "test_predictions": {"labels": splits["test"].labels.tolist(),
+                             "predictions": (probs > 0.5).astype(int).tolist() if multilabel
+                             else probs.argmax(-1).tolist(),
+                             "probabilities": probs.tolist()},
+    }
+    if p.label_fractions:
+        result["few_labels"] = few_label_curve(name, backbone, params, feats, splits, class_names, multilabel,
+                                               config, fit, say)
+    return result
+
+
+def few_label_curve(name, backbone, params, feats, splits, class_names, multilabel, config, full_fit,
+                    say=console.say) -> list[dict]:
+    """Test score of the best-on-val head for each label fraction and seed (whole patients per draw)."""
+    p, train = config.probe, splits["train"]
+    metric = "mean_auc" if multilabel else p.selection
+    curve = []
+    for fraction in sorted(p.label_fractions):
+        runs = []
+        for seed in range(p.fraction_seeds):
+            if fraction >= 1.0 and seed == 0:
+                fit = full_fit  # the main run is the 100 % run of seed 0
+            else:
+                index = subset_indices(train.patients, train.labels, fraction, seed)
+                fit = fit_and_select(backbone, params, feats, splits, len(class_names), multilabel, config,
+                                     config.seed + seed, train_index=index, say=console.silent)
+            logits = all_logits(fit["state"], feats["test"])[fit["best"]]
+            report, _ = test_report(logits, splits["test"].labels, class_names, multilabel)
+            runs.append({"seed": seed, "train_patients": fit["train_patients"],
+                         "train_slices": fit["train_slices"], "best_head": lh.head_names()[fit["best"]],
+                         "test": {k: report[k] for k in ("accuracy", "balanced_accuracy", "macro_auc",
+                                                          "macro_f1", "mean_auc") if k in report}})
+        entry = {"fraction": fraction, "runs": runs,
+                 "test": {k: summarise([r["test"][k] for r in runs]) for k in runs[0]["test"]}}
+        curve.append(entry)
+        say(f"{name}: {fraction:.0%} of the training patients ({runs[0]['train_patients']}): test {metric} "
+            f"{entry['test'][metric]['mean']:.3f} +- {entry['test'][metric]['std']:.3f} over {len(runs)} seed(s)")
+    return curve
+
+
+# ---------------------------------------------------------------- entry point
+
+
+def backbones_to_probe(config, run_dir: str):
+    """The opened run, its config with this probe's data, seed and settings, and
+    ``{name: (params, checkpoint record)}`` (random init first)."""
+    p = config.probe
+    run = runs.open_run(run_dir, p.step, doing="probing", key="config.probe.checkpoint_dir")
+    if run.backbone.depth < 4:
+        raise ValueError(f"The backbone in {run.path} has {run.backbone.depth} blocks; the linear probe reads "
+                         "the last 4 blocks' CLS tokens, so it needs at least 4.")
+    # The backbone's own settings (model, crops) with this probe's data section and seed.
+    run_config = ml_collections.ConfigDict(run.config.to_dict())
+    run_config.data = ml_collections.ConfigDict(config.data.to_dict())
+    run_config.seed = config.seed
+    run_config.probe = ml_collections.ConfigDict(p.to_dict())
+    backbones = {"pretrained": (run.params, run.record())}
+    if p.random_baseline:
+        random = run.random_params(config.seed)
+        backbones = {"random_init": (random, {"seed": config.seed, "content_hash": content_hash(random)}),
+                     **backbones}
+    return run, run_config, backbones
+
+
+def run(config, workdir: str) -> dict:
+    """Probes the pretrained teacher backbone (and a random-init one) and writes the results to ``workdir``."""
+    validate(config)
+    p = config.probe
+    say = console.say
+    run, run_config, backbones = backbones_to_probe(config, p.checkpoint_dir)
+    splits, class_names, task, multilabel = load_splits(run_config, workdir, p.checkpoint_dir)
+    if p.selection not in SELECTIONS[multilabel]:
+        kind = "multi-label" if multilabel else "multi-class"
+        raise ValueError(f"config.probe.selection={p.selection!r} does not apply to this {kind} task; choose "
+                         f"{' or '.join(SELECTIONS[multilabel])}.")
+    say(f"linear probe: {task}; {'labels' if multilabel else 'classes'} {', '.join(class_names)}; "
+        + ", ".join(f"{len(s.labels)} {name}" for name, s in splits.items()) + " slices")
+    results = {"task": task, "multilabel": multilabel, "class_names": class_names,
+               "run_dir": os.path.abspath(p.checkpoint_dir), "config": json.loads(config.to_json_best_effort()),
+               "backbones": {}}
+    for name, (params, record) in backbones.items():
+        results["backbones"][name] = {"checkpoint": record,
+                                      **probe_backbone(name, run.backbone, params, splits, class_names, multilabel,
+                                                       run_config, workdir, say)}
+    table = probe_report.write(results, workdir)
+    say(table)
+    return results

@@ -1,0 +1,62 @@
+"""What several test modules share: config files loaded as a user's run would load them, the command line,
+and checkpoints in a pretraining run's format written in seconds."""
+
+import importlib.util
+import os
+import subprocess
+import sys
+
+REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
+CONFIGS = os.path.join(REPO, "configs")
+SMOKE = "--config=configs/dinov2_reg.py:smoke"
+
+
+def load_config(name: str, variant: str = "", **kwargs):
+    """``configs/<name>.py``'s ``get_config(variant, **kwargs)``, loaded from its file as ``--config`` does."""
+    spec = importlib.util.spec_from_file_location(f"config_{name}", os.path.join(CONFIGS, f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(variant, **kwargs)
+
+
+def medjax(workdir, *overrides, config=SMOKE, check=True):
+    """Runs ``python -m medjax.main`` like a user; returns the completed process."""
+    cmd = [sys.executable, "-m", "medjax.main", config, f"--workdir={workdir}", *overrides]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed:\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def smoke_config(registers: int = 4, **model_overrides):
+    """The ``configs/dinov2_reg.py:smoke`` pretraining config, with optional ``config.model`` overrides."""
+    config = load_config("dinov2_reg", "smoke", registers=registers)
+    for key, value in model_overrides.items():
+        config.model[key] = value
+    return config
+
+
+def smoke_config_3d(registers: int = 4):
+    """The ``configs/dinov2_reg_3d.py:smoke`` pretraining config (a 3D ViT, patch 6, 24^3 global crops)."""
+    return load_config("dinov2_reg_3d", "smoke", registers=registers)
+
+
+def write_pretraining_checkpoints(workdir, config, steps=(1, 2)):
+    """Checkpoints in a pretraining run's format (train state with the teacher backbone, and the run's
+    config in ``meta``) with different random weights per step, written directly: what the evaluation
+    trainers read, in seconds rather than a training run's minute."""
+    import jax
+
+    from medjax.checkpoint import Checkpointer, dumps_config, tree_fingerprint
+    from medjax.pretrain.loss_model import build_models, init_params
+
+    models = build_models(config)
+    init = jax.jit(lambda key: init_params(models, key, config))  # one compile; eager init compiles op by op
+    ckpt = Checkpointer(str(workdir), async_save=False)
+    for k, step in enumerate(steps):
+        params = init(jax.random.PRNGKey(100 + k))
+        state = {"student": params, "teacher": params}
+        ckpt.save(step, state, None, {"config": dumps_config(config), "fingerprint": tree_fingerprint(state)})
+    ckpt.close()
+    return workdir
