@@ -22,7 +22,7 @@ jax.config.update("jax_default_matmul_precision", "highest")
 import numpy as np  # noqa: E402
 
 from medjax import sharding  # noqa: E402
-from medjax.data.phantom import DemoSlices  # noqa: E402
+from tests.phantom import DemoSlices  # noqa: E402
 from medjax.objectives import dino, ibot  # noqa: E402
 from medjax.schedules import pretrain_schedules  # noqa: E402
 from medjax import optim  # noqa: E402

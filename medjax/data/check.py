@@ -22,7 +22,7 @@ import numpy as np
 
 from medjax.data.intensity import normalise
 from medjax.data.manifest import ManifestError, load_manifest
-from medjax.data.readers import ImageReadError, axcodes, read_image
+from medjax.readers import ImageReadError, axcodes, read_image
 from medjax.data.slices import AXES, DEFAULT_NORMALISATION, display_slice
 
 

@@ -15,7 +15,7 @@ import dataclasses
 import numpy as np
 from scipy import ndimage
 
-from medjax.data.image_data import ImageData
+from medjax.readers.image_data import ImageData
 
 # name -> (level, width) in Hounsfield units; the usual radiology presets.
 CT_WINDOWS: dict[str, tuple[float, float]] = {

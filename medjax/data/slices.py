@@ -33,7 +33,7 @@ import numpy as np
 
 from medjax.data.intensity import normalise, resample
 from medjax.data.manifest import ManifestError, ManifestRow
-from medjax.data.readers import ImageReadError, read_image
+from medjax.readers import ImageReadError, read_image
 
 AXES = {"sagittal": 0, "coronal": 1, "axial": 2}
 DEFAULT_NORMALISATION = {"method": "percentile", "low": 0.5, "high": 99.5}

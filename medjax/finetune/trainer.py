@@ -41,8 +41,8 @@ from medjax.batching import map_batched
 from medjax.checkpoint import (Checkpointer, checkpoints_dir, content_hash, dumps_config, host_arrays, saved_steps,
                                step_dir, tree_fingerprint)
 from medjax.data import fractions as fr
-from medjax.data.classify_transforms import ClassifyTransforms
-from medjax.data.classify_transforms3d import ClassifyTransforms3D
+from medjax.finetune.transforms import ClassifyTransforms
+from medjax.finetune.transforms3d import ClassifyTransforms3D
 from medjax.finetune import report
 from medjax.finetune.data import load_splits
 from medjax.finetune.model import FineTuner, class_weights, flatten, is_frozen

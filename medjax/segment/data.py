@@ -27,7 +27,7 @@ from medjax import console
 from medjax.data import fractions
 from medjax.data.demo import LESION_CLASSES
 from medjax.data.manifest import ManifestError, load_manifest
-from medjax.data.readers import read_image
+from medjax.readers import read_image
 from medjax.data.labelled import eval_transform
 from medjax.data.sources import DEMO_COLUMNS, demo_manifest, slice_source, use_run_demo_data
 

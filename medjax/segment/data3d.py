@@ -32,7 +32,7 @@ import numpy as np
 from scipy import ndimage
 
 from medjax import console
-from medjax.data.readers import read_image
+from medjax.readers import read_image
 from medjax.data.slices import VolumeIndex
 from medjax.data.sources import axial_dhw
 from medjax.segment.data import SPLITS, check_label_values, describe, read_manifest

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from medjax.data.cache import CachedRecords, cache_is_valid, decode_record, encode_record, write_cache
-from medjax.data.phantom import DemoSlices
+from tests.phantom import DemoSlices
 
 
 def test_record_round_trip_keeps_arrays_and_scalars():

@@ -227,7 +227,7 @@ def test_command_line_and_argument_checks(tmp_path, capsys):
 
 
 def test_project_reader_gives_the_same_volume_from_dicom_and_nifti(dataset):
-    readers = pytest.importorskip("medjax.data.readers")
+    readers = pytest.importorskip("medjax.readers")
     root, _, rows = dataset
     for r in _dicom_rows(rows)[:3]:
         from_dicom = readers.read_image(os.path.join(root, r["path"]), expect_3d=True)

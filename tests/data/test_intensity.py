@@ -8,7 +8,7 @@ import pytest
 from pydicom.data import get_testdata_file
 
 from medjax.data.intensity import CT_WINDOWS, normalise, percentile_clip, resample, window, zscore
-from medjax.data.readers import ImageData, read_image
+from medjax.readers import ImageData, read_image
 
 ANATOMICAL = os.path.join(os.path.dirname(nib.__file__), "tests", "data", "anatomical.nii")
 

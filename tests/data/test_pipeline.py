@@ -8,7 +8,7 @@ import pytest
 from absl import flags
 
 from medjax.data.augment import MultiCropConfig
-from medjax.data.phantom import DemoSlices
+from tests.phantom import DemoSlices
 from medjax.data.masking import mask_upper_bound
 from medjax.data.pipeline import make_iterator, make_pretrain_dataset
 

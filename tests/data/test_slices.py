@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from medjax.data.manifest import ManifestError, ManifestRow, load_manifest
-from medjax.data.readers import ImageData, ImageReadError
+from medjax.readers import ImageData, ImageReadError
 from medjax.data.slices import SliceIndex, VolumeIndex
 
 X, Y, Z = 4, 5, 6  # a non-cubic volume: a transposed slice would have the wrong shape

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from medjax.data.classify_transforms import ClassifyTransforms
+from medjax.finetune.transforms import ClassifyTransforms
 from medjax.models.vit import build_backbone
 from medjax.finetune import trainer as finetune
 from medjax.finetune.model import FineTuner, class_weights, flatten, is_frozen, weighted_ce

@@ -14,7 +14,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from medjax.data.augment3d import crop_box_3d
-from medjax.data.classify_transforms3d import ClassifyTransforms3D, relative_box
+from medjax.finetune.transforms3d import ClassifyTransforms3D, relative_box
 from medjax import runs
 from medjax.data.sources import demo_fingerprint
 from medjax.finetune import data as finetune_data

@@ -13,7 +13,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from medjax.data.readers import read_image
+from medjax.readers import read_image
 from medjax.segment import data3d, evaluate3d
 from medjax.segment import model as segment_model
 from medjax.segment import trainer as segment

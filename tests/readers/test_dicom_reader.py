@@ -14,8 +14,8 @@ from pydicom.data import get_testdata_file
 from pydicom.pixels import apply_modality_lut, pixel_array
 from pydicom.uid import MPEG2MPML, generate_uid
 
-from medjax.data import dicom
-from medjax.data.readers import ImageReadError, read_image
+from medjax.readers import dicom
+from medjax.readers import ImageReadError, read_image
 
 
 def _file(name):

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from medjax.data.classify_transforms import ClassifyTransforms
+from medjax.finetune.transforms import ClassifyTransforms
 
 MEAN, STD = 0.449, 0.226
 

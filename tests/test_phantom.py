@@ -4,7 +4,7 @@ import grain
 import numpy as np
 import pytest
 
-from medjax.data.phantom import DemoSlices
+from tests.phantom import DemoSlices
 
 
 @pytest.fixture(scope="module")

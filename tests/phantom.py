@@ -1,4 +1,4 @@
-"""In-memory synthetic phantom slices (tests and benchmarks): no files, any size.
+"""In-memory synthetic phantom slices for the tests: no files, any size.
 
 Every record is computed from (seed, index) when it is read, so the dataset
 is a random-access source that costs no memory and is identical on every

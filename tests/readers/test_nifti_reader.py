@@ -7,8 +7,8 @@ import nilearn
 import numpy as np
 import pytest
 
-from medjax.data.nifti import read_nifti
-from medjax.data.readers import ImageReadError, read_image
+from medjax.readers.nifti import read_nifti
+from medjax.readers import ImageReadError, read_image
 
 NIBABEL_DATA = os.path.join(os.path.dirname(nib.__file__), "tests", "data")
 ANATOMICAL = os.path.join(NIBABEL_DATA, "anatomical.nii")  # 33 x 41 x 25, LAS, 2 mm

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from medjax.data.image import read_png
-from medjax.data.readers import ImageReadError, read_image
+from medjax.readers.raster import read_png
+from medjax.readers import ImageReadError, read_image
 
 
 def _png(path, array, bit_depth):

@@ -13,7 +13,7 @@ import os
 import numpy as np
 from PIL import Image, ImageOps
 
-from medjax.data.image_data import ImageData, ImageReadError, reason
+from medjax.readers.image_data import ImageData, ImageReadError, reason
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

@@ -34,7 +34,7 @@ import dataclasses
 import numpy as np
 
 from medjax.data.augment3d import crop_box_3d, resize_box
-from medjax.data.classify_transforms import ClassifyTransforms
+from medjax.finetune.transforms import ClassifyTransforms
 
 _GRID = 1000  # the volume's extent as a 1000^3 grid for the box sampler (0.1 % resolution)
 

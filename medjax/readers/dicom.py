@@ -22,7 +22,7 @@ from pydicom import pixels as dcm_pixels
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import ImplicitVRLittleEndian
 
-from medjax.data.image_data import ImageData, ImageReadError, axcodes, canonical_ras, reason
+from medjax.readers.image_data import ImageData, ImageReadError, axcodes, canonical_ras, reason
 
 _PIXEL_TAGS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 _GAP_TOLERANCE = 0.01  # relative deviation of a slice gap from the median that is reported

@@ -13,7 +13,7 @@ import os
 import nibabel as nib
 import numpy as np
 
-from medjax.data.image_data import ImageData, ImageReadError, axcodes, reason
+from medjax.readers.image_data import ImageData, ImageReadError, axcodes, reason
 
 
 def read_nifti(path: str) -> ImageData:

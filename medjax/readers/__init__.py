@@ -1,14 +1,15 @@
-"""One entry point for every image format medjax reads: ``read_image`` picks the reader by what the path is.
+"""Medical image files in: DICOM series and files (``dicom``), NIfTI (``nifti``), PNG / JPEG (``raster``).
 
-Every reader returns an :class:`~medjax.data.image_data.ImageData` (re-exported here with
-:class:`ImageReadError`, the one error a user's unreadable file ends in).
+``read_image`` picks the reader by what the path is. Every reader returns an
+:class:`~medjax.readers.image_data.ImageData` in physical units and RAS+ orientation (re-exported here
+with :class:`ImageReadError`, the one error a user's unreadable file ends in).
 """
 
 from __future__ import annotations
 
 import os
 
-from medjax.data.image_data import ImageData, ImageReadError, axcodes, canonical_ras, reason  # noqa: F401
+from medjax.readers.image_data import ImageData, ImageReadError, axcodes, canonical_ras, reason  # noqa: F401
 
 
 _NIFTI_SUFFIXES = (".nii", ".nii.gz")
@@ -31,21 +32,21 @@ def read_image(path: str, *, series_uid: str | None = None, expect_3d: bool | No
     path = os.fspath(path)
     lower = path.lower()
     if os.path.isdir(path):
-        from medjax.data.dicom import read_dicom_series
+        from medjax.readers.dicom import read_dicom_series
 
         image = read_dicom_series(path, series_uid=series_uid)
     elif not os.path.exists(path):
         raise ImageReadError(f"{path}: no such file or folder; check the path in the manifest.")
     elif lower.endswith(_NIFTI_SUFFIXES):
-        from medjax.data.nifti import read_nifti
+        from medjax.readers.nifti import read_nifti
 
         image = read_nifti(path)
     elif lower.endswith(_RASTER_SUFFIXES):
-        from medjax.data.image import read_png
+        from medjax.readers.raster import read_png
 
         image = read_png(path)
     else:
-        from medjax.data.dicom import read_dicom_file
+        from medjax.readers.dicom import read_dicom_file
 
         image = read_dicom_file(path)
     if series_uid is not None and not os.path.isdir(path):
