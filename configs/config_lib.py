@@ -73,6 +73,9 @@ def evals_config() -> ml_collections.ConfigDict:
     e.knn_k = (10, 20, 100, 200)
     e.probe_epochs = 10  # passes over the training slices per linear-probe fit
     e.batch_size = 128
+    # Other pretraining runs (--workdirs, comma-separated) put beside this one in the final table when they
+    # exist and read the same inputs, e.g. a DINOv2 run beside an MAE run; others are named and left out.
+    e.compare_runs = ""
     return e
 
 

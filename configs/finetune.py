@@ -22,7 +22,7 @@ import config_lib  # noqa: E402
 import dinov2_reg  # noqa: E402
 import dinov2_reg_3d  # noqa: E402
 
-VARIANTS = ("", "demo", "smoke", "demo3d", "smoke3d")
+VARIANTS = ("", "demo", "smoke", "demo3d", "smoke3d", "mae")
 
 
 def get_config(variant: str = ""):
@@ -35,7 +35,8 @@ def get_config(variant: str = ""):
     f.init = "checkpoint"  # checkpoint | official | random
     f.checkpoint_dir = ""  # init=checkpoint: the --workdir of a pretraining run (holds checkpoints/)
     f.step = -1  # checkpoint step; -1 = the latest
-    f.official_weights = ""  # init=official: official DINOv2 weights (.pth, .npz, .safetensors)
+    f.official_weights = ""  # init=official: official weights (.pth, .npz, .safetensors)
+    f.official_kind = "dinov2"  # dinov2 (a DINOv2 backbone) | mae (the encoder of MAE weights, full or encoder-only)
     f.image_size = 0  # input side (a cube's for 3D); 0 = the pretraining crop size (checkpoint), or 224 (2D) / 96 (3D)
     f.baselines = ("random",)  # also train these from scratch with the same budget: "random" or none
     # Data: a CSV manifest with label columns; empty = the demo dataset (lesion class shown on the slice;
@@ -60,6 +61,12 @@ def get_config(variant: str = ""):
     f.adamw_beta2 = 0.999
     f.drop_path_rate = 0.1  # rising linearly over the blocks to this value
     f.class_weighted = True  # cross-entropy weighted by inverse class frequency in the training subset
+    # The head's input: cls_patch (the last block's normed CLS + mean patch token) | avg (MAE: the mean
+    # pre-norm patch token through a LayerNorm of its own).
+    f.pooling = "cls_patch"
+    f.label_smoothing = 0.0
+    f.mixup = 0.0  # Beta alpha of Mixup (0.8 in MAE's recipe); 0 = off
+    f.cutmix = 0.0  # Beta alpha of CutMix (1.0 in MAE's recipe); 0 = off; both on: one of them per batch
     # Train transform: random resized crop (3D: box, scale = fraction of the voxels) + left-right flip;
     # eval: the whole slice (volume) resized.
     f.train_scale = (0.08, 1.0)
@@ -114,6 +121,22 @@ def get_config(variant: str = ""):
         f.base_lr = 3.2e-2
         f.train_scale = (0.5, 1.0)
         f.eval_batch = 32
+    elif variant == "mae":
+        # The official MAE fine-tuning recipe (FINETUNE.md, ViT-B): global average pooling + fc_norm, layer
+        # decay 0.65, drop path 0.1, label smoothing 0.1, Mixup 0.8 / CutMix 1.0, blr 5e-4, 100 epochs with 5 of
+        # warm-up, weight decay 0.05, no gradient clipping, no class weighting. Point checkpoint_dir at an MAE
+        # run (configs/mae.py) or official_weights at MAE weights with official_kind=mae.
+        f.pooling = "avg"
+        f.layerwise_decay = 0.65
+        f.drop_path_rate = 0.1
+        f.label_smoothing = 0.1
+        f.mixup, f.cutmix = 0.8, 1.0
+        f.base_lr = 5e-4
+        f.epochs, f.warmup_epochs = 100, 5
+        f.weight_decay = 0.05
+        f.clip_grad = 0.0
+        f.class_weighted = False
+        f.train_scale = (0.08, 1.0)
     elif variant == "smoke3d":
         # The 2D smoke's 12 demo patients (so both share one demo folder; 4 per split), 2 passes of
         # 2 steps.

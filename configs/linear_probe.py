@@ -25,7 +25,9 @@ def get_config(variant: str = ""):
     c.seed = 0
 
     c.probe = ml_collections.ConfigDict()
-    c.probe.checkpoint_dir = ""  # required: the --workdir of a pretraining run (holds checkpoints/)
+    # Required: the --workdir of a pretraining run (holds checkpoints/), or several separated by commas to
+    # compare runs (e.g. DINOv2 vs MAE) side by side under one protocol, each beside its random init.
+    c.probe.checkpoint_dir = ""
     c.probe.step = -1  # checkpoint step to probe; -1 = the latest
     c.probe.manifest = ""  # CSV manifest with a label column; empty = the demo dataset, slice-level lesion class
     c.probe.label_column = ""  # required with a manifest; with the demo, empty = lesion shown on the slice
@@ -42,6 +44,7 @@ def get_config(variant: str = ""):
     c.probe.label_fractions = (0.01, 0.1, 0.25, 0.5, 1.0)
     c.probe.fraction_seeds = 3
     c.probe.random_baseline = True  # also probe a randomly initialised backbone
+    c.probe.knn_k = (10, 20, 100, 200)  # kNN on the CLS token (DINOv2's, T = 0.07) with these k; () = none
     c.probe.feature_batch = 64  # images per backbone call while precomputing features
 
     # The evaluation data; same keys and meaning as the pretraining config's data section.

@@ -129,6 +129,12 @@ class Checkpointer:
 
 
 def _check_compatible(meta: dict, expected: dict, path: str) -> None:
+    saved_mode = meta.get("config", {}).get("mode")
+    wanted_mode = expected.get("config", {}).get("mode")
+    if saved_mode and wanted_mode and saved_mode != wanted_mode:
+        raise CheckpointMismatchError(
+            f"The checkpoint {path} is of a config.mode={saved_mode!r} run, which a config.mode={wanted_mode!r} run "
+            "cannot continue; start in a fresh --workdir (or rerun with the config it was trained with).")
     saved, wanted = meta.get("fingerprint", {}), expected.get("fingerprint", {})
     if saved == wanted:
         return

@@ -33,6 +33,7 @@ TRAINERS = {
     "linear_probe": "medjax.probe.trainer",
     "finetune": "medjax.finetune.trainer",
     "segment": "medjax.segment.trainer",
+    "mae": "medjax.mae.trainer",
 }
 
 
@@ -55,7 +56,7 @@ def _check_workdir(workdir: str | None) -> str:
 def _user_errors():
     """Exception types whose message is meant for the user (no traceback)."""
     from medjax import checkpoint, distributed
-    from medjax.pretrain.trainer import NonFiniteLossError
+    from medjax.reporting import NonFiniteLossError
 
     return (ValueError, FileNotFoundError, checkpoint.CheckpointMismatchError, NonFiniteLossError,
             distributed.DistributedSetupError)

@@ -13,7 +13,9 @@ import math
 import os
 import time
 
+import jax
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")  # files only; never open a window
 import matplotlib.pyplot as plt  # noqa: E402
@@ -81,6 +83,30 @@ class Reporter:
     def close(self) -> None:
         if self._writer is not None:
             self._writer.close()
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss or the parameters became NaN/inf; the run stops without saving."""
+
+
+def mean_metrics(pending: list) -> dict:
+    """Host copy of a log window's ``[(step, metrics)]``: losses, entropies and gradient norms averaged,
+    the rest from the last step; a step whose ``finite`` flag is 0 stops the run (NonFiniteLossError)."""
+    host = [(step, jax.device_get(m)) for step, m in pending]
+    for step, m in host:
+        if not m["finite"]:
+            losses = {k: float(v) for k, v in m.items() if k.endswith("loss")}
+            raise NonFiniteLossError(
+                f"Non-finite loss or parameters at step {step}: "
+                + ", ".join(f"{k}={v:.4g}" for k, v in sorted(losses.items()))
+                + "; the run stopped and the last checkpoint was kept. Lower config.optim.base_lr, "
+                "raise config.optim.warmup_epochs or use float32 (config.model.dtype)."
+            )
+    out = {k: float(v) for k, v in host[-1][1].items() if k != "finite"}
+    for k in out:
+        if k.endswith("loss") or k.endswith("entropy") or k == "grad_norm":
+            out[k] = float(np.mean([m[k] for _, m in host]))
+    return out
 
 
 def _duration(seconds: float) -> str:

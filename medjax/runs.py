@@ -16,7 +16,7 @@ import jax
 import ml_collections
 
 from medjax import checkpoint, console
-from medjax.models.backbone import backbone_from_config, dinov2_init, dummy_input
+from medjax.models.backbone import backbone_from_config, dinov2_init, dummy_input, mae_encoder_init
 from medjax.models.vit import VisionTransformer
 
 
@@ -26,13 +26,16 @@ class Objective:
 
     backbones: dict  # which backbone ("teacher", ...) -> path of keys in the saved state
     default: str  # the backbone evaluations read
-    random_init: Callable[[VisionTransformer, jax.Array], dict]
+    random_init: Callable  # (run config, backbone, key) -> backbone params as the objective draws them
+    name: str  # in tables
 
 
 # config.mode of the run -> its objective.
 OBJECTIVES = {
     "pretrain": Objective({"teacher": ("teacher", "backbone"), "student": ("student", "backbone")}, "teacher",
-                          dinov2_init),
+                          lambda config, backbone, key: dinov2_init(backbone, key), "DINOv2"),
+    "mae": Objective({"encoder": ("params", "encoder")}, "encoder",
+                     lambda config, backbone, key: mae_encoder_init(config, key), "MAE"),
 }
 
 
@@ -74,7 +77,7 @@ class Run:
 
     def random_params(self, seed: int) -> dict:
         """Random-init weights of the same backbone, as this run's objective starts from ``seed``."""
-        return OBJECTIVES[self.objective].random_init(self.backbone, jax.random.PRNGKey(seed))
+        return OBJECTIVES[self.objective].random_init(self.config, self.backbone, jax.random.PRNGKey(seed))
 
 
 def _to_config(saved: dict) -> ml_collections.ConfigDict:

@@ -50,6 +50,30 @@ class CosineSchedule:
 
 
 @dataclasses.dataclass(frozen=True)
+class HalfCycleCosine:
+    """MAE's learning rate (``util/lr_sched.py``), set per iteration from the fractional epoch: linear from 0
+    at step 0 to ``base`` at ``warmup_steps``, then a half cosine to ``final`` at ``total_steps``."""
+
+    base: float
+    final: float
+    total_steps: int
+    warmup_steps: int = 0
+
+    def __post_init__(self):
+        if self.warmup_steps > self.total_steps:
+            raise ValueError(f"Schedule warm-up ({self.warmup_steps} steps) is longer than the whole schedule "
+                             f"({self.total_steps} steps); shorten the warm-up or train longer.")
+
+    def __call__(self, step):
+        step = jnp.asarray(step, jnp.float32)
+        warm = float(self.warmup_steps)
+        warm_value = self.base * step / max(warm, 1.0)
+        t = (step - warm) / max(float(self.total_steps - self.warmup_steps), 1.0)
+        cos_value = self.final + (self.base - self.final) * 0.5 * (1.0 + jnp.cos(jnp.pi * t))
+        return jnp.where(step < warm, warm_value, cos_value).astype(jnp.float32)
+
+
+@dataclasses.dataclass(frozen=True)
 class PretrainSchedules:
     """All schedules of a DINOv2 run, built from the config's epochs and epoch length."""
 

@@ -1,10 +1,19 @@
 """Backbone + one linear head per target, and the jitted fine-tuning step.
 
-Each head reads the concatenation of the last block's normed CLS token and the
-mean of its normed patch tokens (registers excluded): the CLS token alone is
-what DINOv2 distils, the patch mean carries local findings (a small lesion)
-that the CLS token may average away; the pair is the reference linear
-evaluation's one-block, average-pooled input.
+``pooling="cls_patch"`` (the default): each head reads the concatenation of the last
+block's normed CLS token and the mean of its normed patch tokens (registers excluded):
+the CLS token alone is what DINOv2 distils, the patch mean carries local findings (a
+small lesion) that the CLS token may average away; the pair is the reference linear
+evaluation's one-block, average-pooled input. ``pooling="avg"`` is the official MAE
+fine-tuning head: the mean of the last block's patch tokens before the final norm,
+then a LayerNorm of its own (``fc_norm``), then the linear head (weights N(0, 2e-5)).
+
+The loss is cross-entropy against soft targets: one-hot labels smoothed by
+``label_smoothing``, mixed by Mixup / CutMix when their alphas are positive (as timm's
+``Mixup``: one of the two per batch, the batch paired with its reverse, lambda from
+Beta(alpha, alpha), a CutMix box's lambda corrected to its clipped area), and each row
+weighted by its classes' weights (class balance; 0 for an unlabelled row). Without
+smoothing and mixing it is exactly the class-weighted cross-entropy.
 
 Parameters live in flat dicts keyed by their '/'-joined path
 (``backbone/blocks_3/attn/qkv/kernel``, ``heads/lesion/kernel``). The frozen
@@ -71,6 +80,9 @@ def is_frozen(name: str, freeze_blocks: int) -> bool:
     return block is not None and int(block.group(1)) < freeze_blocks
 
 
+POOLINGS = ("cls_patch", "avg")
+
+
 def features(out: dict) -> jax.Array:
     """[CLS, mean patch token] of the last block, normed, as float32 (B, 2D)."""
     cls = out["x_norm_clstoken"].astype(jnp.float32)
@@ -78,11 +90,61 @@ def features(out: dict) -> jax.Array:
     return jnp.concatenate([cls, patch], axis=-1)
 
 
-def init_heads(rng, dim: int, num_classes: dict) -> dict:
-    """A linear head per target on 2 * dim features: weights N(0, 0.01) truncated, zero bias."""
+def avg_features(out: dict, fc_norm: dict, num_register_tokens: int) -> jax.Array:
+    """MAE's global pool: LayerNorm (eps 1e-6, ``fc_norm``) of the mean pre-norm patch token (B, D)."""
+    x = out["x_prenorm"][:, 1 + num_register_tokens:].astype(jnp.float32).mean(axis=1)
+    mean, var = x.mean(-1, keepdims=True), x.var(-1, keepdims=True)
+    return (x - mean) * jax.lax.rsqrt(var + 1e-6) * fc_norm["scale"] + fc_norm["bias"]
+
+
+def init_heads(rng, dim: int, num_classes: dict, std: float = 0.01) -> dict:
+    """A linear head per target on ``dim`` features: weights N(0, std) truncated, zero bias."""
     keys = jax.random.split(rng, len(num_classes))
-    return {t: {"kernel": trunc_normal(0.01)(k, (2 * dim, c)), "bias": jnp.zeros((c,), jnp.float32)}
+    return {t: {"kernel": trunc_normal(std)(k, (dim, c)), "bias": jnp.zeros((c,), jnp.float32)}
             for k, (t, c) in zip(keys, num_classes.items())}
+
+
+def soft_targets(labels: jax.Array, num_classes: int, weights: jax.Array, smoothing: float):
+    """``(targets (B, C), row weights (B,))``: smoothed one-hot rows (zero for label -1) and w_y (0 for -1)."""
+    valid = labels >= 0
+    safe = jnp.where(valid, labels, 0)
+    one_hot = jax.nn.one_hot(safe, num_classes) * (1.0 - smoothing) + smoothing / num_classes
+    return jnp.where(valid[:, None], one_hot, 0.0), jnp.where(valid, weights[safe], 0.0)
+
+
+def mix_batch(x: jax.Array, rng, mixup: float, cutmix: float):
+    """``(mixed x, lam)``: Mixup (x * lam + reversed x * (1 - lam)) or CutMix (a box of the reversed batch
+    pasted in, lam = the kept fraction of the area or volume), chosen with probability 1/2 when both alphas
+    are positive. The targets are mixed with the same lam by ``mixed_loss``."""
+    r_choice, r_lam, r_box = jax.random.split(rng, 3)
+    use_cutmix = (jax.random.uniform(r_choice) < 0.5) if mixup > 0 and cutmix > 0 else cutmix > 0
+    alpha = jnp.where(use_cutmix, cutmix if cutmix > 0 else 1.0, mixup if mixup > 0 else 1.0)
+    lam = jax.random.beta(r_lam, alpha, alpha)
+    flipped = x[::-1]
+    sides = x.shape[1:-1]
+    cut = (1.0 - lam) ** (1.0 / len(sides))  # box side as a fraction of each image side
+    inside = jnp.ones(x.shape[:-1], bool)[0]
+    lo_hi = []
+    for axis, (n, r) in enumerate(zip(sides, jax.random.split(r_box, len(sides)))):
+        centre = jax.random.randint(r, (), 0, n)
+        half = jnp.floor(n * cut / 2).astype(jnp.int32)
+        lo, hi = jnp.clip(centre - half, 0, n), jnp.clip(centre + half, 0, n)
+        idx = jax.lax.broadcasted_iota(jnp.int32, sides, axis)
+        inside = inside & (idx >= lo) & (idx < hi)
+        lo_hi.append(hi - lo)
+    box_lam = 1.0 - jnp.prod(jnp.stack(lo_hi)).astype(jnp.float32) / float(np.prod(sides))
+    cut_x = jnp.where(inside[None, ..., None], flipped, x)
+    mixed = jnp.where(use_cutmix, cut_x, lam * x + (1.0 - lam) * flipped)
+    return mixed, jnp.where(use_cutmix, box_lam, lam)
+
+
+def mixed_loss(logits: jax.Array, targets: jax.Array, row_weights: jax.Array, lam) -> jax.Array:
+    """Weighted soft-target cross-entropy of a batch mixed with its reverse by ``lam``."""
+    t = lam * targets + (1.0 - lam) * targets[::-1]
+    w = lam * row_weights + (1.0 - lam) * row_weights[::-1]
+    t = t / jnp.maximum(t.sum(-1, keepdims=True), 1e-12)
+    ce = -jnp.sum(t * jax.nn.log_softmax(logits.astype(jnp.float32)), axis=-1)
+    return jnp.sum(w * ce) / jnp.maximum(jnp.sum(w), 1e-12)
 
 
 def class_weights(labels: np.ndarray, num_classes: int, balanced: bool) -> np.ndarray:
@@ -121,6 +183,10 @@ class FineTuner:
     clip_grad: float = 3.0
     adamw_beta1: float = 0.9
     adamw_beta2: float = 0.999
+    pooling: str = "cls_patch"  # cls_patch | avg (MAE's global pool + fc_norm)
+    label_smoothing: float = 0.0
+    mixup: float = 0.0  # Beta alpha of Mixup; 0 = off
+    cutmix: float = 0.0  # Beta alpha of CutMix; 0 = off
 
     def __post_init__(self):
         if not 0 <= self.freeze_blocks <= self.backbone.depth:
@@ -132,9 +198,12 @@ class FineTuner:
         return tuple(t for t, _ in self.num_classes)
 
     def init_params(self, rng, backbone_params: dict) -> dict:
-        """{"backbone": ..., "heads": {target: ...}} with fresh heads."""
-        heads = init_heads(rng, self.backbone.embed_dim, dict(self.num_classes))
-        return {"backbone": backbone_params, "heads": heads}
+        """{"backbone": ..., "heads": {target: ...}} with fresh heads (and ``fc_norm`` for avg pooling)."""
+        d = self.backbone.embed_dim
+        if self.pooling == "avg":  # the official MAE head: fc_norm, then a linear layer of N(0, 2e-5) weights
+            return {"backbone": backbone_params, "heads": init_heads(rng, d, dict(self.num_classes), std=2e-5),
+                    "fc_norm": {"scale": jnp.ones((d,), jnp.float32), "bias": jnp.zeros((d,), jnp.float32)}}
+        return {"backbone": backbone_params, "heads": init_heads(rng, 2 * d, dict(self.num_classes))}
 
     def split(self, params: dict) -> tuple[dict, dict]:
         """(trainable, frozen) flat dicts."""
@@ -157,14 +226,27 @@ class FineTuner:
     def logits(self, params: dict, x, *, train: bool = False, rng=None) -> dict:
         rngs = {"drop_path": rng} if train else None
         out = self.backbone.apply({"params": params["backbone"]}, x, train=train, rngs=rngs)
-        f = features(out)
+        if self.pooling == "avg":
+            f = avg_features(out, params["fc_norm"], self.backbone.num_register_tokens)
+        else:
+            f = features(out)
         return {t: f @ h["kernel"] + h["bias"] for t, h in params["heads"].items()}
 
     def loss(self, trainable, frozen, x, labels, weights, rng):
-        """Sum over targets of each head's class-weighted CE on its own labelled rows."""
+        """Sum over targets of each head's (smoothed, mixed) class-weighted CE on its own labelled rows."""
+        mixing = self.mixup > 0 or self.cutmix > 0
+        lam = 1.0
+        if mixing:
+            x, lam = mix_batch(x, jax.random.fold_in(rng, 1), self.mixup, self.cutmix)
         logits = self.logits(self.merge(trainable, frozen), x, train=True, rng=rng)
-        per_target = jnp.stack([weighted_ce(logits[t], labels[:, i], weights[t])
-                                for i, t in enumerate(self.targets)])
+        per_target = []
+        for i, (t, c) in enumerate(self.num_classes):
+            if not mixing and self.label_smoothing == 0:
+                per_target.append(weighted_ce(logits[t], labels[:, i], weights[t]))
+                continue
+            targets, rows = soft_targets(labels[:, i], c, weights[t], self.label_smoothing)
+            per_target.append(mixed_loss(logits[t], targets, rows, lam))
+        per_target = jnp.stack(per_target)
         return jnp.sum(per_target), per_target
 
     def step_fn(self):

@@ -19,7 +19,7 @@ checkpoint of the main init's model (largest fraction, first seed).
 A 3D backbone (a pretraining run with ``config.model.spatial_dims=3``, or
 ``init=random`` with it) is fine-tuned on whole volumes: one example per
 manifest row, read as in that run (its ``target_spacing`` and normalisation),
-with ``ClassifyTransforms3D`` (cubes of ``image_size`` voxels); counts in the
+with ``SingleView3D`` (cubes of ``image_size`` voxels); counts in the
 results are then of volumes (``num_volumes``, ``train_volumes``), not slices.
 """
 
@@ -41,8 +41,8 @@ from medjax.batching import map_batched
 from medjax.checkpoint import (Checkpointer, checkpoints_dir, content_hash, dumps_config, host_arrays, saved_steps,
                                step_dir, tree_fingerprint)
 from medjax.data import fractions as fr
-from medjax.finetune.transforms import ClassifyTransforms
-from medjax.finetune.transforms3d import ClassifyTransforms3D
+from medjax.data.views import SingleView
+from medjax.data.views3d import SingleView3D
 from medjax.finetune import report
 from medjax.finetune.data import load_splits
 from medjax.finetune.model import FineTuner, class_weights, flatten, is_frozen
@@ -52,7 +52,7 @@ from medjax.models.vit import VisionTransformer
 from medjax.schedules import CosineSchedule
 INIT_NAMES = {"checkpoint": "pretrained", "official": "official", "random": "random_init"}
 RANDOM_SIZE = {2: 224, 3: 96}  # init=random's input side when image_size=0 (the recipes' global crops)
-TRANSFORMS = {2: ClassifyTransforms, 3: ClassifyTransforms3D}
+TRANSFORMS = {2: SingleView, 3: SingleView3D}
 UNITS = {2: "slices", 3: "volumes"}
 
 
@@ -92,14 +92,20 @@ def load_init(config) -> Init:
                     f.checkpoint_dir, run.config)
     if f.init == "official":
         if not f.official_weights:
-            raise ValueError("config.finetune.official_weights is empty; give the path of official DINOv2 weights "
-                             "(.pth, .npz or .safetensors).")
+            raise ValueError("config.finetune.official_weights is empty; give the path of official DINOv2 or MAE "
+                             "weights (.pth, .npz or .safetensors).")
         if not os.path.exists(f.official_weights):
             raise FileNotFoundError(f"config.finetune.official_weights={f.official_weights!r} does not exist.")
         from medjax.models import convert  # weights I/O only when asked for
 
         size = f.image_size or 224
-        backbone, params = convert.load_official(f.official_weights, img_size=size, in_chans=1)
+        if f.official_kind == "mae":  # the encoder of official MAE weights (full or encoder-only files)
+            from medjax.models.convert_mae import load_official_mae
+
+            mae, mae_params = load_official_mae(f.official_weights, img_size=size, in_chans=1)
+            backbone, params = mae.encoder_model(), mae_params["encoder"]
+        else:
+            backbone, params = convert.load_official(f.official_weights, img_size=size, in_chans=1)
         record = {"kind": "official", "path": os.path.abspath(f.official_weights),
                   "content_hash": content_hash(params)}
         return Init(backbone, params, record, (convert.GRAY_MEAN,), (convert.GRAY_STD,), size, None, None)
@@ -152,7 +158,7 @@ def _val_scores(tuner, logits: dict, labels: np.ndarray) -> dict:
 
 
 def train_one(tuner: FineTuner, params: dict, images, labels: np.ndarray, val_images: np.ndarray,
-              val_labels: np.ndarray, *, transforms: ClassifyTransforms, lr: np.ndarray, weight_decay: float,
+              val_labels: np.ndarray, *, transforms: SingleView, lr: np.ndarray, weight_decay: float,
               batch_size: int, eval_every: int, keep: str, seed: int, balanced: bool, eval_batch: int,
               fns=None, say=console.say, tag: str = "") -> dict:
     """Fine-tunes ``params`` on (images, labels); returns the kept params, the history and the timing.
@@ -308,7 +314,8 @@ def run(config, workdir: str) -> dict:
     splits, targets = load_splits(data_config, workdir, init.run_dir, volumes=dims == 3)
     unit = UNITS[dims]
     tuner = FineTuner(backbone, tuple((t.name, len(t.class_names)) for t in targets), f.freeze_blocks,
-                      f.layerwise_decay, f.patch_embed_lr_mult, f.clip_grad, f.adamw_beta1, f.adamw_beta2)
+                      f.layerwise_decay, f.patch_embed_lr_mult, f.clip_grad, f.adamw_beta1, f.adamw_beta2,
+                      pooling=f.pooling, label_smoothing=f.label_smoothing, mixup=f.mixup, cutmix=f.cutmix)
     eval_x = {s: transforms.eval_batch(splits[s].images) for s in ("val", "test")}
     console.say("fine-tuning: " + "; ".join(f"{t.name} ({t.description}): {', '.join(t.class_names)}" for t in targets)
           + "; " + ", ".join(f"{len(splits[s].labels)} {s}" for s in splits) + f" {unit}")

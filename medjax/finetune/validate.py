@@ -5,6 +5,8 @@ from __future__ import annotations
 from medjax.data import fractions as fr
 
 INITS = ("checkpoint", "official", "random")
+OFFICIAL_KINDS = ("dinov2", "mae")
+POOLINGS = ("cls_patch", "avg")
 BASELINES = ("random",)
 KEEP = ("best_val", "last")
 
@@ -14,6 +16,17 @@ def validate(config) -> None:
     f = config.finetune
     if f.init not in INITS:
         raise ValueError(f"config.finetune.init={f.init!r} is not valid; choose one of {', '.join(INITS)}.")
+    if f.official_kind not in OFFICIAL_KINDS:
+        raise ValueError(f"config.finetune.official_kind={f.official_kind!r} is not valid; choose one of "
+                         f"{', '.join(OFFICIAL_KINDS)}.")
+    if f.pooling not in POOLINGS:
+        raise ValueError(f"config.finetune.pooling={f.pooling!r} is not valid; choose cls_patch (DINOv2's CLS + mean "
+                         "patch token) or avg (MAE's global pool + fc_norm).")
+    if not 0.0 <= f.label_smoothing < 1.0:
+        raise ValueError(f"config.finetune.label_smoothing={f.label_smoothing!r} must lie in [0, 1).")
+    for key in ("mixup", "cutmix"):
+        if f[key] < 0:
+            raise ValueError(f"config.finetune.{key}={f[key]!r} is a Beta alpha: 0 (off) or positive.")
     if f.keep not in KEEP:
         raise ValueError(f"config.finetune.keep={f.keep!r} is not valid; choose one of {', '.join(KEEP)}.")
     unknown = [b for b in f.baselines if b not in BASELINES]

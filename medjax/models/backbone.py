@@ -59,3 +59,28 @@ def dinov2_init(backbone: VisionTransformer, key: jax.Array) -> dict:
     the baselines in published tables (probe, in-run evaluation) were drawn eagerly.
     """
     return backbone.init(jax.random.split(key, 3)[0], dummy_input(backbone))["params"]
+
+
+def mae_from_config(config):
+    """The masked autoencoder of ``config.model`` (its encoder has the fields of
+    ``backbone_from_config(config)``), ``config.decoder`` and ``config.mae``."""
+    from medjax.models.mae import MaskedAutoencoderViT
+
+    backbone = backbone_from_config(config)
+    d = config.decoder
+    return MaskedAutoencoderViT(
+        img_size=backbone.img_size, patch_size=backbone.patch_size, in_chans=backbone.in_chans,
+        embed_dim=backbone.embed_dim, depth=backbone.depth, num_heads=backbone.num_heads,
+        decoder_embed_dim=d.embed_dim, decoder_depth=d.depth, decoder_num_heads=d.num_heads,
+        norm_pix_loss=config.mae.norm_pix_loss, num_register_tokens=backbone.num_register_tokens,
+        drop_path_rate=backbone.drop_path_rate, dtype=backbone.dtype, remat=backbone.remat,
+        spatial_dims=backbone.spatial_dims)
+
+
+def mae_encoder_init(config, key: jax.Array) -> dict:
+    """An MAE run's encoder initialisation from ``key`` (the official MAE init of the whole model; the
+    decoder's part is dropped): the random-init baseline of an MAE run's evaluations."""
+    model = mae_from_config(config)
+    shape = (1,) + (model.img_size,) * model.spatial_dims + (model.in_chans,)
+    init = jax.jit(lambda k: model.init({"params": k, "masking": k}, jnp.zeros(shape, jnp.float32))["params"])
+    return init(key)["encoder"]  # jitted: the official init op by op takes tens of seconds

@@ -25,6 +25,7 @@ MODELS = {
     "vit_small": dict(embed_dim=384, depth=12, num_heads=6),
     "vit_base": dict(embed_dim=768, depth=12, num_heads=12),
     "vit_large": dict(embed_dim=1024, depth=24, num_heads=16),
+    "vit_huge": dict(embed_dim=1280, depth=32, num_heads=16),  # MAE's ViT-H
     "vit_giant2": dict(embed_dim=1536, depth=40, num_heads=24, ffn_layer="swiglu"),
 }
 

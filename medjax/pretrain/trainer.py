@@ -29,10 +29,6 @@ from medjax.probe import Evaluator
 from medjax.schedules import pretrain_schedules
 
 
-class NonFiniteLossError(RuntimeError):
-    """The loss or the parameters became NaN/inf; the run stops without saving."""
-
-
 class PretrainState(flax.struct.PyTreeNode):
     step: jax.Array
     student: dict
@@ -147,25 +143,6 @@ def make_train_step(models, config, schedules, rules: optim.ParamRules, adam):
     return train_step
 
 
-def _mean_metrics(pending: list[tuple[int, dict]]) -> dict:
-    """Host copy of the window's metrics: losses averaged, the last step checked for finiteness."""
-    host = [(step, jax.device_get(m)) for step, m in pending]
-    for step, m in host:
-        if not m["finite"]:
-            losses = {k: float(v) for k, v in m.items() if k.endswith("loss")}
-            raise NonFiniteLossError(
-                f"Non-finite loss or parameters at step {step}: "
-                + ", ".join(f"{k}={v:.4g}" for k, v in sorted(losses.items()))
-                + "; the run stopped and the last checkpoint was kept. Lower config.optim.base_lr, "
-                "raise config.optim.warmup_epochs or use float32 (config.model.dtype)."
-            )
-    out = {k: float(v) for k, v in host[-1][1].items() if k != "finite"}
-    for k in out:
-        if k.endswith("loss") or k.endswith("entropy") or k == "grad_norm":
-            out[k] = float(np.mean([m[k] for _, m in host]))
-    return out
-
-
 def run(config, workdir: str) -> dict:
     """Pretrains per ``config`` in ``workdir`` (resuming from its latest checkpoint); returns a summary."""
     validate(config)
@@ -222,7 +199,7 @@ def run(config, workdir: str) -> dict:
             done = step + 1
             is_ckpt = done % config.train.checkpoint_every == 0 or done == stop_step
             if done % config.train.log_every == 0 or is_ckpt or done == start + 1:
-                last = _mean_metrics(pending)
+                last = reporting.mean_metrics(pending)
                 pending = []
                 last = reporter.write(done, last)
                 reporter.progress(done, last)

@@ -20,7 +20,7 @@ from typing import Callable
 
 import ml_collections
 
-from medjax import console
+from medjax import checkpoint, console, runs
 from medjax.checkpoint import content_hash, host_arrays
 from medjax.models.vit import VisionTransformer
 from medjax.probe import knn
@@ -36,7 +36,7 @@ def _probe_config(config) -> ml_collections.ConfigDict:
     c.probe = ml_collections.ConfigDict(dict(
         manifest=e.manifest or config.data.manifest, label_column=e.label_column, selection=e.selection,
         features="precomputed", batch_size=e.batch_size, epochs=e.probe_epochs, epoch_length=0, eval_every=0,
-        feature_batch=64, label_fractions=(), fraction_seeds=1))
+        feature_batch=64, label_fractions=(), fraction_seeds=1, knn_k=()))  # kNN: scored once, in ``scores``
     return c
 
 
@@ -62,10 +62,11 @@ class Evaluator:
         self.say(f"evaluations: {self.task}; " + ", ".join(
             f"{len(s.labels)} {name}" for name, s in self.splits.items()) + " slices")
 
-    def scores(self, params, *, name: str = "pretrained", full: bool = False) -> tuple[dict, dict]:
+    def scores(self, params, *, name: str = "pretrained", full: bool = False, backbone=None) -> tuple[dict, dict]:
         """``(scalars, result)``: ``eval/...`` scalars to log, and with ``full`` the probe's whole result."""
         e, cfg = self.config.evals, self.config
-        feats = probe_lib.probe_features_of(name, self.backbone, params, self.splits, cfg, say=console.silent)
+        backbone = backbone or self.backbone
+        feats = probe_lib.probe_features_of(name, backbone, params, self.splits, cfg, say=console.silent)
         scalars, result = {}, {}
         if e.knn:
             # kNN on the normed CLS token of the last block, as DINOv2's kNN evaluation.
@@ -79,11 +80,11 @@ class Evaluator:
                              for k, r in reports.items()}
         if e.linear_probe:
             if full:
-                result.update(probe_lib.probe_backbone(name, self.backbone, params, self.splits, self.class_names,
+                result.update(probe_lib.probe_backbone(name, backbone, params, self.splits, self.class_names,
                                                        self.multilabel, cfg, self.out, say=console.silent))
                 val, test = result["val"], result["test"]
             else:
-                fit = probe_lib.fit_and_select(self.backbone, params, feats, self.splits, len(self.class_names),
+                fit = probe_lib.fit_and_select(backbone, params, feats, self.splits, len(self.class_names),
                                                self.multilabel, cfg, cfg.seed, say=console.silent)
                 best = fit["best"]
                 val, _ = probe_lib.test_report(probe_lib.all_logits(fit["state"], feats["val"])[best],
@@ -106,38 +107,46 @@ class Evaluator:
         return scalars
 
     def final(self, backbone_params, step: int, checkpoint_path: str, seed: int) -> tuple[dict, str]:
-        """Pretrained vs random init under the full protocol; writes WORKDIR/eval/; returns scalars and table."""
+        """Pretrained vs random init (and the runs of ``evals.compare_runs``) under the full protocol; writes
+        WORKDIR/eval/; returns the pretrained backbone's scalars and the table."""
         os.makedirs(self.out, exist_ok=True)
         params = host_arrays(backbone_params)
         random = self.random_params(seed)
         results = {"task": self.task, "multilabel": self.multilabel, "class_names": self.class_names,
                    "run_dir": os.path.abspath(self.workdir), "backbones": {}}
+        entries = [("random_init", self.backbone, random, {"seed": seed, "content_hash": content_hash(random)}),
+                   ("pretrained", self.backbone, params, {"path": checkpoint_path, "step": step, "latest": True,
+                                                          "content_hash": content_hash(params)})]
         scalars = {}
-        for name, p, record in (("random_init", random, {"seed": seed, "content_hash": content_hash(random)}),
-                                ("pretrained", params, {"path": checkpoint_path, "step": step, "latest": True,
-                                                        "content_hash": content_hash(params)})):
-            s, result = self.scores(p, name=name, full=True)
+        for name, backbone, p, record in entries + self._compared():
+            s, result = self.scores(p, name=name, full=True, backbone=backbone)
             results["backbones"][name] = {"checkpoint": record, **result}
-            scalars = s  # the pretrained backbone's, logged at the last step
+            if name == "pretrained":
+                scalars = s  # logged at the last step
         if self.config.evals.linear_probe:
-            table = probe_report.write(results, self.out)
-        else:
-            table = f"Task: {self.task}.\n"
-            with open(os.path.join(self.out, "results.json"), "w") as f:
-                json.dump(results, f, indent=1)
-        if self.config.evals.knn:
-            knn_text = "\nkNN on the last block's normed CLS token (T = 0.07), test:\n\n" + knn_table(results)
-            table += knn_text
-            with open(os.path.join(self.out, "results.md"), "a") as f:
-                f.write(knn_text)
+            return scalars, probe_report.write(results, self.out)  # with the kNN table when there is one
+        table = f"Task: {self.task}.\n\nkNN on the last block's normed CLS token (T = 0.07), test:\n\n"
+        table += probe_report.knn_table(results)
+        with open(os.path.join(self.out, "results.json"), "w") as f:
+            json.dump(results, f, indent=1)
+        with open(os.path.join(self.out, "results.md"), "w") as f:
+            f.write(table)
         return scalars, table
 
-
-def knn_table(results: dict) -> str:
-    """kNN test accuracy / balanced accuracy per k, one row per backbone."""
-    ks = list(next(iter(results["backbones"].values()))["knn"])
-    rows = ["| backbone | " + " | ".join(f"k={k} acc / bal. acc" for k in ks) + " |", "|---|" + "---|" * len(ks)]
-    for name, r in results["backbones"].items():
-        rows.append(f"| {name} | " + " | ".join(f"{v['accuracy']:.3f} / {v['balanced_accuracy']:.3f}"
-                                                for v in r["knn"].values()) + " |")
-    return "\n".join(rows) + "\n"
+    def _compared(self) -> list:
+        """``(name, backbone, params, record)`` of the other runs in ``evals.compare_runs`` that can be read on
+        these slices (same input size and normalisation); each one left out is said in a line."""
+        out = []
+        for run_dir in (d.strip() for d in self.config.evals.compare_runs.split(",") if d.strip()):
+            if not checkpoint.saved_steps(run_dir):
+                self.say(f"evals.compare_runs: {run_dir} holds no checkpoints (yet); it is not in the table.")
+                continue
+            run = runs.open_run(run_dir, key="config.evals.compare_runs", say=self.say)
+            c = self.config.crops
+            if (run.config.crops.global_size, run.normalisation) != (c.global_size, (tuple(c.mean), tuple(c.std))):
+                self.say(f"evals.compare_runs: {run_dir} reads {run.config.crops.global_size} px inputs normalised "
+                         "otherwise; compare it with the linear probe job (configs/linear_probe.py) instead.")
+                continue
+            name = f"{runs.OBJECTIVES[run.objective].name} {os.path.basename(os.path.normpath(run_dir))}"
+            out.append((name, run.backbone, run.params, run.record()))
+        return out

@@ -53,6 +53,17 @@ def few_label_table(results: dict) -> str:
     return "\n".join(rows) + "\n"
 
 
+def knn_table(results: dict) -> str:
+    """kNN test accuracy / balanced accuracy per k, one row per backbone that has them."""
+    rows_of = {n: r["knn"] for n, r in results["backbones"].items() if r.get("knn")}
+    ks = list(next(iter(rows_of.values())))
+    rows = ["| backbone | " + " | ".join(f"k={k} acc / bal. acc" for k in ks) + " |", "|---|" + "---|" * len(ks)]
+    for name, knn in rows_of.items():
+        rows.append(f"| {name} | " + " | ".join(f"{v['accuracy']:.3f} / {v['balanced_accuracy']:.3f}"
+                                                for v in knn.values()) + " |")
+    return "\n".join(rows) + "\n"
+
+
 def plot_lr_curves(results: dict, path: str) -> None:
     """Final val score against the learning rate, one line per layout, one panel per backbone."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -118,7 +129,10 @@ def write(results: dict, workdir: str) -> str:
     if few:
         text += f"\nFew labels (whole patients, stratified, best head on val per draw):\n\n{few}"
         plot_few_labels(results, os.path.join(workdir, "probe_few_labels.png"))
+    if any(r.get("knn") for r in results["backbones"].values()):
+        text += "\nkNN on the last block's normed CLS token (T = 0.07), test:\n\n" + knn_table(results)
+    runs = results["run_dir"] if isinstance(results["run_dir"], list) else [results["run_dir"]]
     with open(os.path.join(workdir, "results.md"), "w") as f:
-        f.write(f"# Linear probe of {results['run_dir']}\n\n{text}")
+        f.write(f"# Linear probe of {', '.join(runs)}\n\n{text}")
     plot_lr_curves(results, os.path.join(workdir, "probe_lr_curves.png"))
     return text

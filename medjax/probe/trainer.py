@@ -38,6 +38,7 @@ from medjax.batching import map_batched
 from medjax.checkpoint import content_hash
 from medjax.data.augment import crop_box
 from medjax.data.fractions import subset_indices, summarise
+from medjax.probe import knn
 from medjax.probe import linear_heads as lh
 from medjax.probe import report as probe_report
 from medjax.probe.data import load_splits
@@ -235,6 +236,13 @@ def probe_backbone(name, backbone, params, splits, class_names, multilabel, conf
                              else probs.argmax(-1).tolist(),
                              "probabilities": probs.tolist()},
     }
+    if p.knn_k and not multilabel:
+        # kNN on the normed CLS token of the last block, as DINOv2's kNN evaluation.
+        reports = knn.knn_evaluate(feats["train"]["cls4"][:, -1], splits["train"].labels, feats["test"]["cls4"][:, -1],
+                                   splits["test"].labels, len(class_names), ks=tuple(p.knn_k),
+                                   class_names=class_names)
+        result["knn"] = {str(k): {m: r[m] for m in ("accuracy", "balanced_accuracy", "macro_f1", "k_used")}
+                         for k, r in reports.items()}
     if p.label_fractions:
         result["few_labels"] = few_label_curve(name, backbone, params, feats, splits, class_names, multilabel,
                                                config, fit, say)
@@ -273,6 +281,11 @@ def few_label_curve(name, backbone, params, feats, splits, class_names, multilab
 # ---------------------------------------------------------------- entry point
 
 
+def run_dirs(config) -> list[str]:
+    """The runs ``config.probe.checkpoint_dir`` names: one --workdir, or several separated by commas."""
+    return [d.strip() for d in config.probe.checkpoint_dir.split(",") if d.strip()]
+
+
 def backbones_to_probe(config, run_dir: str):
     """The opened run, its config with this probe's data, seed and settings, and
     ``{name: (params, checkpoint record)}`` (random init first)."""
@@ -295,25 +308,39 @@ def backbones_to_probe(config, run_dir: str):
 
 
 def run(config, workdir: str) -> dict:
-    """Probes the pretrained teacher backbone (and a random-init one) and writes the results to ``workdir``."""
+    """Probes each run's pretrained backbone (and a random-init one of each) under one protocol, on one task,
+    and writes the results side by side to ``workdir``."""
     validate(config)
     p = config.probe
     say = console.say
-    run, run_config, backbones = backbones_to_probe(config, p.checkpoint_dir)
-    splits, class_names, task, multilabel = load_splits(run_config, workdir, p.checkpoint_dir)
-    if p.selection not in SELECTIONS[multilabel]:
-        kind = "multi-label" if multilabel else "multi-class"
-        raise ValueError(f"config.probe.selection={p.selection!r} does not apply to this {kind} task; choose "
-                         f"{' or '.join(SELECTIONS[multilabel])}.")
-    say(f"linear probe: {task}; {'labels' if multilabel else 'classes'} {', '.join(class_names)}; "
-        + ", ".join(f"{len(s.labels)} {name}" for name, s in splits.items()) + " slices")
-    results = {"task": task, "multilabel": multilabel, "class_names": class_names,
-               "run_dir": os.path.abspath(p.checkpoint_dir), "config": json.loads(config.to_json_best_effort()),
-               "backbones": {}}
-    for name, (params, record) in backbones.items():
-        results["backbones"][name] = {"checkpoint": record,
-                                      **probe_backbone(name, run.backbone, params, splits, class_names, multilabel,
-                                                       run_config, workdir, say)}
+    dirs = run_dirs(config)
+    several = len(dirs) > 1
+    results = {"run_dir": os.path.abspath(dirs[0]) if not several else [os.path.abspath(d) for d in dirs],
+               "config": json.loads(config.to_json_best_effort()), "backbones": {}}
+    loaded = {}  # the labelled splits per input size and normalisation (runs that share them share the arrays)
+    for run_dir in dirs:
+        run, run_config, backbones = backbones_to_probe(config, run_dir)
+        key = (run_config.crops.global_size, tuple(run_config.crops.mean), tuple(run_config.crops.std))
+        if key not in loaded:
+            loaded[key] = load_splits(run_config, workdir, run_dir)
+        splits, class_names, task, multilabel = loaded[key]
+        if "task" not in results:
+            if p.selection not in SELECTIONS[multilabel]:
+                kind = "multi-label" if multilabel else "multi-class"
+                raise ValueError(f"config.probe.selection={p.selection!r} does not apply to this {kind} task; "
+                                 f"choose {' or '.join(SELECTIONS[multilabel])}.")
+            say(f"linear probe: {task}; {'labels' if multilabel else 'classes'} {', '.join(class_names)}; "
+                + ", ".join(f"{len(s.labels)} {name}" for name, s in splits.items()) + " slices")
+            results.update(task=task, multilabel=multilabel, class_names=class_names)
+        for name, (params, record) in backbones.items():
+            label = name
+            if several:  # e.g. "DINOv2 demo" and "DINOv2 demo, random init"
+                tag = f"{runs.OBJECTIVES[run.objective].name} {os.path.basename(os.path.normpath(run_dir))}"
+                label = tag if name == "pretrained" else f"{tag}, random init"
+            results["backbones"][label] = {
+                "checkpoint": record, "objective": run.objective,
+                **probe_backbone(label, run.backbone, params, splits, class_names, multilabel, run_config, workdir,
+                                 say)}
     table = probe_report.write(results, workdir)
     say(table)
     return results

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from medjax.finetune.transforms import ClassifyTransforms
+from medjax.data.views import SingleView
 from medjax.models.vit import build_backbone
 from medjax.finetune import trainer as finetune
 from medjax.finetune.model import FineTuner, class_weights, flatten, is_frozen, weighted_ce
@@ -41,7 +41,7 @@ def _data(seed=0):
 
 def _train(tuner, steps=40, freeze_seed=0, lr=3e-3, **kw):
     images, labels, _, _ = _data()
-    t = ClassifyTransforms(28, scale=(0.6, 1.0), flip_p=0.0)
+    t = SingleView(28, scale=(0.6, 1.0), flip_p=0.0)
     params = tuner.init_params(jax.random.PRNGKey(1), _init(freeze_seed))
     val_x = t.eval_batch(images)
     out = finetune.train_one(tuner, params, images, labels, val_x, labels, transforms=t,
@@ -88,7 +88,7 @@ def test_each_head_learns_its_own_target_from_its_own_rows(tuner_and_fns):
     tuner, fns = tuner_and_fns
     _, out = _train(tuner, steps=60, fns=fns)
     images, _, bright, striped = _data(seed=1)  # fresh slices, fully labelled
-    x = ClassifyTransforms(28).eval_batch(images)
+    x = SingleView(28).eval_batch(images)
     logits = finetune.predict(fns[1], out["trainable"], out["frozen"], x, N)
     acc_bright = np.mean(logits["bright"].argmax(-1) == bright)
     acc_striped = np.mean(logits["striped"].argmax(-1) == striped)
@@ -101,7 +101,7 @@ def test_a_head_gets_no_gradient_from_rows_not_labelled_for_it(tuner_and_fns):
     tuner, (step, eval_fn) = tuner_and_fns
     params = tuner.init_params(jax.random.PRNGKey(0), _init(0))
     images, labels, _, _ = _data()
-    x = ClassifyTransforms(28).eval_batch(images)
+    x = SingleView(28).eval_batch(images)
     w = {t: jnp.ones(2) for t in ("bright", "striped")}
     # Per target, the loss is the weighted CE over its own labelled rows: noise in the other rows
     # changes nothing.

@@ -14,7 +14,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from medjax.data.augment3d import crop_box_3d
-from medjax.finetune.transforms3d import ClassifyTransforms3D, relative_box
+from medjax.data.views3d import SingleView3D, relative_box
 from medjax import runs
 from medjax.data.sources import demo_fingerprint
 from medjax.finetune import data as finetune_data
@@ -33,7 +33,7 @@ def _volume(seed=0, shape=(10, 14, 18)):
 
 
 def test_eval_view_is_the_whole_volume_resized_and_normalised():
-    t = ClassifyTransforms3D(8, mean=(0.5,), std=(0.25,))
+    t = SingleView3D(8, mean=(0.5,), std=(0.25,))
     ramp = np.broadcast_to(np.linspace(0.0, 1.0, 18, dtype=np.float32), (10, 14, 18))  # rises along W
     x = t.eval(ramp)
     assert x.shape == (8, 8, 8, 1) and x.dtype == np.float32
@@ -41,26 +41,26 @@ def test_eval_view_is_the_whole_volume_resized_and_normalised():
     assert -2.0 - 1e-6 <= x.min() < -1.5 and 1.5 < x.max() <= 2.0 + 1e-6  # (clip(v) - 0.5) / 0.25
     const = t.eval(np.full((5, 9, 7), 0.75, np.float32))  # any box shape to a cube; values kept
     np.testing.assert_allclose(const, 1.0, atol=1e-6)
-    batch = ClassifyTransforms3D(6, channels=3).eval_batch([_volume(0), _volume(1, (4, 6, 6))])
+    batch = SingleView3D(6, channels=3).eval_batch([_volume(0), _volume(1, (4, 6, 6))])
     assert batch.shape == (2, 6, 6, 6, 3) and np.array_equal(batch[..., 0], batch[..., 2])
-    assert ClassifyTransforms3D(6).eval_batch([]).shape == (0, 6, 6, 6, 1)
+    assert SingleView3D(6).eval_batch([]).shape == (0, 6, 6, 6, 1)
 
 
 def test_train_view_is_seeded_and_flips_left_right_only():
     v = _volume()
-    t = ClassifyTransforms3D(8, scale=(0.3, 1.0), flip_p=0.5)
+    t = SingleView3D(8, scale=(0.3, 1.0), flip_p=0.5)
     a = t.train_batch([v, v], np.random.default_rng(3))
     assert a.shape == (2, 8, 8, 8, 1)
     np.testing.assert_array_equal(a, t.train_batch([v, v], np.random.default_rng(3)))
     assert not np.array_equal(a, t.train_batch([v, v], np.random.default_rng(4)))
     # The whole volume as the box (a slab too): the train view is the eval view, mirrored along W when flipped.
-    whole = ClassifyTransforms3D(8, scale=(1.0, 1.0), ratio=(1.0, 1.0), flip_p=1.0)
+    whole = SingleView3D(8, scale=(1.0, 1.0), ratio=(1.0, 1.0), flip_p=1.0)
     slab = _volume(2, (5, 12, 16))
     np.testing.assert_array_equal(whole.train(slab, np.random.default_rng(0)), whole.eval(slab)[:, :, ::-1])
-    kept = ClassifyTransforms3D(8, scale=(1.0, 1.0), ratio=(1.0, 1.0), flip_p=0.0)
+    kept = SingleView3D(8, scale=(1.0, 1.0), ratio=(1.0, 1.0), flip_p=0.0)
     np.testing.assert_array_equal(kept.train(slab, np.random.default_rng(0)), kept.eval(slab))
     with pytest.raises(ValueError, match="fractions of the volume's voxels"):
-        ClassifyTransforms3D(8, scale=(0.0, 1.0))
+        SingleView3D(8, scale=(0.0, 1.0))
     with pytest.raises(ValueError, match="is not a volume"):
         t.eval(np.zeros((8, 8), np.float32))
 

@@ -220,9 +220,10 @@ def test_registry_and_errors():
     assert build_backbone("vit_small").embed_dim == 384
     g = build_backbone("vit_giant2", in_chans=3, num_register_tokens=4)
     assert (g.embed_dim, g.depth, g.num_heads, g.ffn_layer, g.in_chans) == (1536, 40, 24, "swiglu", 3)
-    assert set(MODELS) == {"vit_tiny", "vit_small", "vit_base", "vit_large", "vit_giant2"}
+    assert set(MODELS) == {"vit_tiny", "vit_small", "vit_base", "vit_large", "vit_huge", "vit_giant2"}
+    assert (MODELS["vit_huge"]["embed_dim"], MODELS["vit_huge"]["depth"]) == (1280, 32)  # MAE's ViT-H
     with pytest.raises(ValueError, match="vit_small"):
-        build_backbone("vit_huge")
+        build_backbone("vit_colossal")
     sd = {k[3:]: v for k, v in load("vit_swiglu_c1.npz").items() if k.startswith("sd/")}
     with pytest.raises(ValueError, match="unexpected keys"):
         convert.backbone_params_from_state_dict(sd, depth=1)

@@ -1,6 +1,6 @@
 """Single-view transforms for supervised training and evaluation on 3D volumes.
 
-``ClassifyTransforms`` with cubes for squares, for (D, H, W) volumes in the
+``SingleView`` with cubes for squares, for (D, H, W) volumes in the
 axial display layout of ``medjax.data.sources`` (W = left-right):
 
 * ``eval``: the whole volume resized to ``size``**3 (trilinear, as the 3D
@@ -34,13 +34,13 @@ import dataclasses
 import numpy as np
 
 from medjax.data.augment3d import crop_box_3d, resize_box
-from medjax.finetune.transforms import ClassifyTransforms
+from medjax.data.views import SingleView
 
 _GRID = 1000  # the volume's extent as a 1000^3 grid for the box sampler (0.1 % resolution)
 
 
 @dataclasses.dataclass(frozen=True)
-class ClassifyTransforms3D(ClassifyTransforms):
+class SingleView3D(SingleView):
     """The 2D fields, read for volumes: ``size`` is a cube side, ``scale`` a fraction of the voxels."""
 
     extent = "volume's voxels"

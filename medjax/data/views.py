@@ -1,7 +1,6 @@
-"""Single-view transforms for supervised training and evaluation on 2D slices.
+"""Single-view transforms on 2D slices: fine-tuning and MAE pretraining train on them, evaluations read them.
 
-Classification (fine-tuning, linear evaluation) sees one view per slice, not
-DINOv2's multi-crop:
+Classification and MAE see one view per slice, not DINOv2's multi-crop:
 
 * ``eval``: the whole slice resized to ``size`` x ``size`` (bicubic), clipped to
   [0, 1] and normalised: deterministic, every pixel of the slice is seen;
@@ -28,7 +27,7 @@ from medjax.data.augment import crop_box
 
 
 @dataclasses.dataclass(frozen=True)
-class ClassifyTransforms:
+class SingleView:
     """Output size, crop statistics and normalisation of the train and eval views."""
 
     size: int

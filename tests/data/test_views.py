@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from medjax.finetune.transforms import ClassifyTransforms
+from medjax.data.views import SingleView
 
 MEAN, STD = 0.449, 0.226
 
@@ -16,7 +16,7 @@ def _slice(h=40, w=52, seed=0):
 
 def test_eval_is_the_whole_slice_resized_clipped_and_normalised():
     x = _slice()
-    t = ClassifyTransforms(32, (MEAN,), (STD,))
+    t = SingleView(32, (MEAN,), (STD,))
     want = np.asarray(Image.fromarray(x, mode="F").resize((32, 32), Image.BICUBIC))
     want = (np.clip(want, 0.0, 1.0) - np.float32(MEAN)) / np.float32(STD)
     got = t.eval(x)
@@ -27,7 +27,7 @@ def test_eval_is_the_whole_slice_resized_clipped_and_normalised():
 
 def test_train_view_is_seeded_and_in_range():
     x = _slice()
-    t = ClassifyTransforms(24, (MEAN,), (STD,))
+    t = SingleView(24, (MEAN,), (STD,))
     a = t.train_batch([x] * 4, np.random.default_rng(3))
     b = t.train_batch([x] * 4, np.random.default_rng(3))
     c = t.train_batch([x] * 4, np.random.default_rng(4))
@@ -42,8 +42,8 @@ def test_train_view_is_seeded_and_in_range():
 def test_full_crop_without_flip_is_the_eval_view_and_flip_mirrors_it():
     x = _slice(36, 36)
     full = dict(size=24, mean=(MEAN,), std=(STD,), scale=(1.0, 1.0), ratio=(1.0, 1.0))
-    plain = ClassifyTransforms(**full, flip_p=0.0)
-    flipped = ClassifyTransforms(**full, flip_p=1.0)
+    plain = SingleView(**full, flip_p=0.0)
+    flipped = SingleView(**full, flip_p=1.0)
     rng = np.random.default_rng(0)
     np.testing.assert_array_equal(plain.train(x, rng), plain.eval(x))
     np.testing.assert_array_equal(flipped.train(x, rng), plain.eval(x)[:, ::-1])
@@ -54,17 +54,17 @@ def test_crop_scale_controls_the_area_seen():
     x = np.zeros((64, 64), np.float32)
     x[:, 32:] = 1.0
     rng = np.random.default_rng(0)
-    small = ClassifyTransforms(16, scale=(0.02, 0.02), flip_p=0.0)
+    small = SingleView(16, scale=(0.02, 0.02), flip_p=0.0)
     views = small.train_batch([x] * 50, rng) * np.float32(0.226) + np.float32(0.449)
     pure = np.mean([(v.max() - v.min()) < 1e-3 for v in views])
     assert pure > 0.5  # most 2 % crops lie within one half
-    whole = ClassifyTransforms(16, scale=(1.0, 1.0), ratio=(1.0, 1.0), flip_p=0.0).train(x, rng)
+    whole = SingleView(16, scale=(1.0, 1.0), ratio=(1.0, 1.0), flip_p=0.0).train(x, rng)
     assert whole.min() < 0 < whole.max()
 
 
 def test_channels_are_repeated_for_a_three_channel_model():
     x = _slice()
-    t = ClassifyTransforms(16, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), channels=3)
+    t = SingleView(16, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), channels=3)
     v = t.eval(x)
     assert v.shape == (16, 16, 3)
     raw = v * np.float32([0.229, 0.224, 0.225]) + np.float32([0.485, 0.456, 0.406])
@@ -80,4 +80,4 @@ def test_channels_are_repeated_for_a_three_channel_model():
 ])
 def test_bad_settings_are_one_sentence(kwargs, match):
     with pytest.raises(ValueError, match=match):
-        ClassifyTransforms(16, **kwargs)
+        SingleView(16, **kwargs)
