@@ -1,6 +1,7 @@
 """Benchmark of the pretraining step: seconds/step, images/s, FLOP/s vs this machine's matmul peak.
 
     python -m medjax.bench.step --config=configs/dinov2_reg.py:bench [--steps=20] [--workdir=runs/bench]
+    python -m medjax.bench.step --config=configs/mae.py:bench       (the MAE step)
 
 The step runs on one real batch from the pipeline (data time excluded), after
 one compiling call, with the trainer's state layout (FSDP when config.mesh.fsdp > 1). FLOPs per step come from XLA's cost analysis of the
@@ -50,7 +51,8 @@ def step_flops(compiled) -> float:
     return float(analysis.get("flops", float("nan"))) if analysis else float("nan")
 
 
-def benchmark(config, steps: int, workdir: str) -> dict:
+def _dinov2_step(config, workdir: str):
+    """(compiled-able jitted step, state, batch, rng, global batch) of the DINOv2 trainer."""
     mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
     global_batch = config.train.batch_size_per_device * mesh.size
     models = build_models(config)
@@ -66,8 +68,34 @@ def benchmark(config, steps: int, workdir: str) -> dict:
     batch = data.next_batch()
     data.close()
     step = make_train_step(models, config, pretrain_schedules(config, global_batch), rules, adam)
-    rng = jax.random.PRNGKey(1)
     jitted = jit_train_step(step, state_shardings, data.shardings, mesh)  # exactly the trainer's layout
+    return jitted, state, batch, global_batch
+
+
+def _mae_step(config, workdir: str):
+    """The same for the MAE trainer (encoder on the visible patches, decoder, loss, AdamW)."""
+    from medjax.mae import trainer as mae
+    from medjax.mae.batches import MAEData
+    from medjax.models.backbone import mae_from_config
+    from medjax.schedules import HalfCycleCosine
+
+    mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
+    global_batch = config.train.batch_size_per_device * mesh.size
+    model = mae_from_config(config)
+    lr = HalfCycleCosine(config.optim.base_lr * global_batch / 256, config.optim.min_lr, 100, 0)
+    tx = mae.make_optimizer(config, lr)
+    state, state_shardings = mae.init_sharded_state(model, config, jax.random.PRNGKey(0), tx, mesh)
+    data = MAEData(config, mesh, workdir)
+    batch = data.next_batch()
+    data.close()
+    jitted = mae.jit_train_step(mae.make_train_step(model, config, tx, lr), state_shardings, data.shardings, mesh)
+    return jitted, state, batch, global_batch
+
+
+def benchmark(config, steps: int, workdir: str) -> dict:
+    make = _mae_step if config.mode == "mae" else _dinov2_step
+    jitted, state, batch, global_batch = make(config, workdir)
+    rng = jax.random.PRNGKey(1)
     t0 = time.perf_counter()
     compiled = jitted.lower(state, batch, rng).compile()
     compile_s = time.perf_counter() - t0

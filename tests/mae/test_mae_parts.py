@@ -87,7 +87,9 @@ def test_bad_values_are_one_sentence(key, value, message):
 
 def test_visible_patches_follow_the_official_rounding():
     config = load_config("mae", "demo")
-    assert visible_patches(config) == int(196 * 0.25) == 49
+    assert visible_patches(config) == int(64 * 0.25) == 16
+    config.mae.mask_ratio = 0.7  # int(64 * 0.3) = 19, as the official int(L * (1 - mask_ratio))
+    assert visible_patches(config) == 19
 
 
 def test_views_are_a_function_of_seed_and_position():

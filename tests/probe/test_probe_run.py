@@ -8,6 +8,7 @@ also shows the "not the latest checkpoint" warning; the error tests stop before 
 
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -179,3 +180,26 @@ def test_augment_is_a_seeded_resized_crop_and_flip():
     full = augment(x, np.random.default_rng(1), mean=0.0, std=1.0, scale=(1.0, 1.0), ratio=(1.0, 1.0))
     for i in range(3):  # the whole image, flipped or not
         assert np.allclose(full[i], x[i], atol=1e-5) or np.allclose(full[i], x[i, :, ::-1], atol=1e-5)
+
+
+def test_several_runs_side_by_side_with_knn(pretrain_dir, probe_run, tmp_path):
+    """Two runs (the same weights under two names: their rows must agree) under one protocol, each beside its
+    random init, with kNN, in one results.md; the single-run probe's kNN agrees with the in-run evaluator's."""
+    other = tmp_path / "other_run"
+    shutil.copytree(pretrain_dir / "checkpoints", other / "checkpoints")
+    workdir = tmp_path / "probe_two"
+    proc = medjax(workdir, *DATA, f"--config.probe.checkpoint_dir={pretrain_dir},{other}",
+                  "--config.probe.label_fractions=()", "--config.probe.random_baseline=False",
+                  "--config.probe.knn_k=(5,20)", config=PROBE)
+    results = json.loads((workdir / "results.json").read_text())
+    first, second = f"DINOv2 {pretrain_dir.name}", "DINOv2 other_run"
+    assert list(results["backbones"]) == [first, second] and len(results["run_dir"]) == 2
+    a, b = results["backbones"][first], results["backbones"][second]
+    assert a["checkpoint"]["content_hash"] == b["checkpoint"]["content_hash"] and a["objective"] == "pretrain"
+    assert a["test"]["accuracy"] == b["test"]["accuracy"] and a["knn"] == b["knn"]
+    table = (workdir / "results.md").read_text()
+    assert f"| {first} |" in table and "| DINOv2 other_run |" in table and "k=20 acc / bal. acc" in table
+    assert "k=20" in proc.stdout
+    # The single-run probe (step 1) reports kNN too, for random init and pretrained.
+    single = json.loads((probe_run[0] / "results.json").read_text())
+    assert set(single["backbones"]["pretrained"]["knn"]) == {"10", "20", "100", "200"}
