@@ -37,7 +37,8 @@ def get_config(variant: str = "", *, multitask: bool = False, config_file: str =
     # Where the backbone comes from: a medjax pretraining run, or official DINOv2 weights.
     s.checkpoint_dir = ""  # the --workdir of a pretraining run (holds checkpoints/)
     s.step = -1  # checkpoint step; -1 = the latest
-    s.official_weights = ""  # or: a .pth/.npz/.safetensors file of official DINOv2 weights
+    s.official_weights = ""  # or: a .pth/.npz/.safetensors file of official DINOv2 or MAE weights
+    s.official_kind = "dinov2"  # dinov2 | mae (the encoder of MAE weights, full or encoder-only)
     s.random_baseline = True  # also train from a randomly initialised backbone of the same architecture
     # 2: slices of a 2D backbone; 3: whole volumes of a 3D one (the pretraining run's config.model.spatial_dims
     # must agree). 3D: every manifest row is one example, image and mask resampled to the pretraining run's

@@ -75,8 +75,14 @@ def load_backbones(config) -> Backbones:
             raise FileNotFoundError(f"config.segment.official_weights={s.official_weights!r} does not exist; give "
                                     "the path of a .pth, .npz or .safetensors file of official DINOv2 weights.")
         size = s.image_size or 224
-        backbone, params = convert.load_official(s.official_weights, img_size=size, in_chans=1,
-                                                 drop_path_rate=s.drop_path_rate)
+        if s.official_kind == "mae":  # the encoder of official MAE weights
+            from medjax.models.convert_mae import load_official_mae
+
+            mae, mae_params = load_official_mae(s.official_weights, img_size=size, in_chans=1)
+            backbone, params = mae.encoder_model(drop_path_rate=s.drop_path_rate), mae_params["encoder"]
+        else:
+            backbone, params = convert.load_official(s.official_weights, img_size=size, in_chans=1,
+                                                     drop_path_rate=s.drop_path_rate)
         inits = {"official": (params, {"path": os.path.abspath(s.official_weights),
                                        "content_hash": content_hash(params)})}
 

@@ -18,6 +18,8 @@ def validate(config) -> None:
     if len(s.class_names) < 2 or len(set(s.class_names)) != len(s.class_names):
         raise ValueError(f"config.segment.class_names={tuple(s.class_names)} must name background and at least "
                          "one structure, each once (mask value i is class_names[i]).")
+    if s.official_kind not in ("dinov2", "mae"):
+        raise ValueError(f"config.segment.official_kind={s.official_kind!r} is not valid; choose dinov2 or mae.")
     if s.demo_masks not in DEMO_MASK_CLASSES:
         raise ValueError(f"config.segment.demo_masks={s.demo_masks!r} is not valid; choose lesion or tissue.")
     if not s.manifest and tuple(s.class_names) != DEMO_MASK_CLASSES[s.demo_masks]:

@@ -219,6 +219,23 @@ def test_official_weights_init(tmp_path):
         finetune.load_init(c)
 
 
+def test_official_mae_weights_start_the_encoder(tmp_path):
+    """init=official with official_kind=mae: the encoder of the official tiny MAE of the parity fixture."""
+    from medjax.models.convert_mae import load_official_mae
+
+    z = np.load(os.path.join(helpers.REPO, "tests", "fixtures", "mae_c1.npz"))
+    weights = str(tmp_path / "mae.npz")
+    np.savez(weights, **{k[3:]: z[k] for k in z.files if k.startswith("sd/")})
+    c = load_config()
+    c.finetune.init, c.finetune.official_kind, c.finetune.official_weights = "official", "mae", weights
+    c.finetune.image_size = 32
+    init = finetune.load_init(c)
+    _, want = load_official_mae(weights, img_size=32, in_chans=1)
+    assert init.backbone.embed_dim == 48 and init.backbone.init_values is None and init.record["kind"] == "official"
+    for got, expected in zip(jax.tree.leaves(init.params), jax.tree.leaves(want["encoder"]), strict=True):
+        np.testing.assert_array_equal(got, expected)
+
+
 @pytest.mark.parametrize("variant", ["", "demo", "smoke"])
 def test_config_variants_are_valid(variant):
     c = load_config(variant)

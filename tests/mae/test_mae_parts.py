@@ -106,3 +106,30 @@ def test_views_are_a_function_of_seed_and_position():
     halves = [next(iter(make_dataset(source, transform, batch_size=2, seed=3, process_index=p, process_count=2)))
               for p in (0, 1)]  # two processes draw disjoint records of one stream
     assert not np.array_equal(halves[0]["images"], halves[1]["images"])
+
+
+def test_continued_pretraining_starts_from_official_weights(tmp_path):
+    """config.model.init_weights: the official tiny MAE of the parity fixture (32 px, patch 4, 48 wide) is
+    the starting point of the whole model, encoder and decoder."""
+    from medjax import sharding
+    from medjax.mae.trainer import init_sharded_state, start_from_official
+    from medjax.models.convert_mae import load_official_mae
+
+    z = np.load(os.path.join(os.path.dirname(FIXTURE), "mae_c1.npz"))
+    weights = tmp_path / "mae.npz"
+    np.savez(weights, **{k[3:]: z[k] for k in z.files if k.startswith("sd/")})
+    config = load_config("mae", "smoke")
+    config.model.embed_dim, config.model.depth, config.model.num_heads, config.model.patch_size = 48, 2, 4, 4
+    config.crops.global_size = 32
+    config.decoder.embed_dim, config.decoder.depth, config.decoder.num_heads = 32, 2, 4
+    validate(config)
+    model = mae_from_config(config)
+    mesh = sharding.make_mesh()
+    tx = make_optimizer(config, HalfCycleCosine(1e-3, 0.0, 10, 0))
+    state, shardings = init_sharded_state(model, config, jax.random.PRNGKey(0), tx, mesh)
+    state = start_from_official(state, shardings, model, str(weights))
+    _, want = load_official_mae(str(weights), model=model)
+    for got, expected in zip(jax.tree.leaves(state.params), jax.tree.leaves(want), strict=True):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(expected))
+    with pytest.raises(FileNotFoundError, match="config.model.init_weights='nope.npz' does not exist"):
+        start_from_official(state, shardings, model, "nope.npz")
