@@ -91,12 +91,20 @@ class LayerScale(nn.Module):
 
 
 def _pick_attention_impl(q: Array) -> Optional[str]:
-    """cuDNN fused attention on GPU for half-precision inputs it supports, XLA elsewhere."""
+    """cuDNN fused attention on GPU for half-precision inputs it supports; on CPU plain batched matmuls
+    (faster there than XLA's ``dot_product_attention`` lowering: BUILD_NOTES, "MAE step"); XLA elsewhere."""
     head_dim = q.shape[-1]
-    if (jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16)
-            and head_dim % 8 == 0 and head_dim <= 128):
+    backend = jax.default_backend()
+    if backend == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16) and head_dim % 8 == 0 and head_dim <= 128:
         return "cudnn"
-    return "xla"
+    return "matmul" if backend == "cpu" else "xla"
+
+
+def _matmul_attention(q: Array, k: Array, v: Array, scale: float) -> Array:
+    """softmax(q k^T * scale) v over (B, N, heads, head_dim) inputs, as the reference computes it."""
+    q, k, v = (jnp.swapaxes(t, 1, 2) for t in (q, k, v))  # (B, heads, N, head_dim)
+    attn = jax.nn.softmax((q @ jnp.swapaxes(k, -1, -2)) * scale, axis=-1)
+    return jnp.swapaxes(attn @ v, 1, 2)
 
 
 class Attention(nn.Module):
@@ -112,6 +120,8 @@ class Attention(nn.Module):
         qkv = _dense(3 * self.dim, self.dtype, "qkv", self.qkv_bias)(x)
         q, k, v = jnp.moveaxis(qkv.reshape(b, n, 3, self.num_heads, hd), 2, 0)
         impl = _pick_attention_impl(q)
+        if impl == "matmul":
+            return _dense(self.dim, self.dtype, "proj")(_matmul_attention(q, k, v, hd**-0.5).reshape(b, n, self.dim))
         try:
             out = jax.nn.dot_product_attention(q, k, v, scale=hd**-0.5, implementation=impl)
         except (NotImplementedError, RuntimeError, ValueError):
