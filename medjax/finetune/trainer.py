@@ -40,7 +40,7 @@ from medjax import console, metrics, runs
 from medjax.batching import map_batched
 from medjax.checkpoint import (Checkpointer, checkpoints_dir, content_hash, dumps_config, host_arrays, saved_steps,
                                step_dir, tree_fingerprint)
-from medjax.data import fractions as fr
+from medjax.data import fractions
 from medjax.data.views import SingleView
 from medjax.data.views3d import SingleView3D
 from medjax.finetune import report
@@ -247,7 +247,7 @@ def fit_subset(tuner, fns, params, splits, eval_x, targets, transforms, lr, f, *
     """Fine-tunes ``params`` on the ``fraction`` subset of the training patients drawn with ``seed``;
     returns train_one's output and the run's JSON record (sizes, timing, history, val and test)."""
     train = splits["train"]
-    idx = fr.subset_indices(train.patient_ids, train.labels[:, 0], fraction, seed)
+    idx = fractions.subset_indices(train.patient_ids, train.labels[:, 0], fraction, seed)
     labels = train.labels[idx]
     for i, t in enumerate(targets):
         missing = sorted(set(range(len(t.class_names))) - set(labels[:, i].tolist()))

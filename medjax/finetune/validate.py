@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from medjax.data import fractions as fr
+from medjax.data import fractions
 
 INITS = ("checkpoint", "official", "random")
 OFFICIAL_KINDS = ("dinov2", "mae")
@@ -33,7 +33,7 @@ def validate(config) -> None:
     if unknown:
         raise ValueError(f"config.finetune.baselines holds {unknown[0]!r}; the known baselines are "
                          f"{', '.join(BASELINES)} (or none: '()').")
-    fr.validate_fractions(f.label_fractions, "config.finetune.label_fractions")
+    fractions.validate_fractions(f.label_fractions, "config.finetune.label_fractions")
     if not f.label_fractions or not f.fraction_seeds:
         raise ValueError("config.finetune.label_fractions and config.finetune.fraction_seeds need at least one "
                          "value each, e.g. (1.0,) and (0,).")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 
-from medjax.probe import linear_heads as lh
+from medjax.probe import linear_heads
 
 _METRIC_NAMES = {"accuracy": "accuracy", "balanced_accuracy": "bal. acc", "mean_auc": "mean AUC",
                  "macro_f1": "macro F1", "macro_auc": "macro AUC"}
@@ -76,9 +76,9 @@ def plot_lr_curves(results: dict, path: str) -> None:
     for ax, (name, r) in zip(axes, backbones.items()):
         metric = r["selection"]
         per_head = r["val_per_head"][metric]
-        for n, a in lh.LAYOUTS:
-            key = lh.layout_key(n, a)
-            ax.plot(lh.LR_GRID, [per_head[f"{key}_lr{lr:g}"] for lr in lh.LR_GRID],
+        for n, a in linear_heads.LAYOUTS:
+            key = linear_heads.layout_key(n, a)
+            ax.plot(linear_heads.LR_GRID, [per_head[f"{key}_lr{lr:g}"] for lr in linear_heads.LR_GRID],
                     marker="o", label=f"last {n} CLS" + (" + mean patch" if a else ""))
         ax.set_xscale("log")
         ax.set_ylim(0.0, 1.02)
@@ -125,7 +125,7 @@ def write(results: dict, workdir: str) -> str:
     table = markdown_table(results)
     few = few_label_table(results)
     text = (f"Task: {results['task']}. Best head by final val {any_result['selection']} over "
-            f"{len(lh.head_names())} heads ({any_result['features']} features), reported on test.\n\n{table}")
+            f"{len(linear_heads.head_names())} heads ({any_result['features']} features), reported on test.\n\n{table}")
     if few:
         text += f"\nFew labels (whole patients, stratified, best head on val per draw):\n\n{few}"
         plot_few_labels(results, os.path.join(workdir, "probe_few_labels.png"))

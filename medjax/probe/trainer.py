@@ -39,7 +39,7 @@ from medjax.checkpoint import content_hash
 from medjax.data.augment import crop_box
 from medjax.data.fractions import subset_indices, summarise
 from medjax.probe import knn
-from medjax.probe import linear_heads as lh
+from medjax.probe import linear_heads
 from medjax.probe import report as probe_report
 from medjax.probe.data import load_splits
 from medjax.probe.validate import SELECTIONS, validate
@@ -58,7 +58,7 @@ def _feature_fn(backbone):
     @jax.jit
     def one(params, x):
         out = backbone.apply({"params": params}, x, train=False, n_last_blocks=4)
-        return lh.probe_features(out["last_blocks_norm"], backbone.num_register_tokens)
+        return linear_heads.probe_features(out["last_blocks_norm"], backbone.num_register_tokens)
 
     return one
 
@@ -93,7 +93,7 @@ def augment(images: np.ndarray, rng: np.random.Generator, mean: float, std: floa
 def all_logits(state, feats: dict) -> np.ndarray:
     """``(52, N, C)`` logits of every head."""
     n = len(feats["patch_mean"])
-    return np.concatenate([np.asarray(lh.evaluate(state, {k: v[i:i + _EVAL_CHUNK] for k, v in feats.items()}))
+    return np.concatenate([np.asarray(linear_heads.evaluate(state, {k: v[i:i + _EVAL_CHUNK] for k, v in feats.items()}))
                            for i in range(0, n, _EVAL_CHUNK)], axis=1)
 
 
@@ -131,7 +131,7 @@ def train_heads(p, train_batch, n: int, labels: np.ndarray, val_feats: dict, val
     eval_every = p.eval_every or steps_per_epoch
     rng = np.random.default_rng(seed)
     dim = val_feats["patch_mean"].shape[1]
-    state = lh.init_state(jax.random.PRNGKey(seed), dim, num_classes, batch)
+    state = linear_heads.init_state(jax.random.PRNGKey(seed), dim, num_classes, batch)
     order, pos, history = rng.permutation(n), 0, []
     device_labels = jnp.asarray(labels, jnp.float32 if multilabel else jnp.int32)
     for step in range(total):
@@ -139,8 +139,8 @@ def train_heads(p, train_batch, n: int, labels: np.ndarray, val_feats: dict, val
             order, pos = rng.permutation(n), 0
         idx = order[pos:pos + batch]
         pos += batch
-        state, losses = lh.train_step(state, train_batch(idx, rng), device_labels[jnp.asarray(idx)],
-                                      lh.cosine_factor(step, total), multilabel=multilabel)
+        state, losses = linear_heads.train_step(state, train_batch(idx, rng), device_labels[jnp.asarray(idx)],
+                                      linear_heads.cosine_factor(step, total), multilabel=multilabel)
         if (step + 1) % eval_every == 0 or step + 1 == total:
             scores = head_scores(all_logits(state, val_feats), val_labels, multilabel)
             history.append({"step": step + 1, **scores})
@@ -207,9 +207,9 @@ def probe_backbone(name, backbone, params, splits, class_names, multilabel, conf
     p = config.probe
     feats = probe_features_of(name, backbone, params, splits, config, say)
     fit = fit_and_select(backbone, params, feats, splits, len(class_names), multilabel, config, config.seed, say=say)
-    names, best, final = lh.head_names(), fit["best"], fit["history"][-1]
-    n_blocks, avgpool = lh.LAYOUTS[best // len(lh.LR_GRID)]
-    lr = lh.LR_GRID[best % len(lh.LR_GRID)]
+    names, best, final = linear_heads.head_names(), fit["best"], fit["history"][-1]
+    n_blocks, avgpool = linear_heads.LAYOUTS[best // len(linear_heads.LR_GRID)]
+    lr = linear_heads.LR_GRID[best % len(linear_heads.LR_GRID)]
     val_report, _ = test_report(all_logits(fit["state"], feats["val"])[best], splits["val"].labels, class_names,
                                 multilabel)
     report, probs = test_report(all_logits(fit["state"], feats["test"])[best], splits["test"].labels,
@@ -267,7 +267,7 @@ def few_label_curve(name, backbone, params, feats, splits, class_names, multilab
             logits = all_logits(fit["state"], feats["test"])[fit["best"]]
             report, _ = test_report(logits, splits["test"].labels, class_names, multilabel)
             runs.append({"seed": seed, "train_patients": fit["train_patients"],
-                         "train_slices": fit["train_slices"], "best_head": lh.head_names()[fit["best"]],
+                         "train_slices": fit["train_slices"], "best_head": linear_heads.head_names()[fit["best"]],
                          "test": {k: report[k] for k in ("accuracy", "balanced_accuracy", "macro_auc",
                                                           "macro_f1", "mean_auc") if k in report}})
         entry = {"fraction": fraction, "runs": runs,

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from medjax.probe import linear_heads as lh
+from medjax.probe import linear_heads
 
 # ---------------------------------------------------------------- numpy reference
 
@@ -76,20 +76,20 @@ def test_feature_layout_matches_reference_construction():
         tokens = tokens + 100.0 * k
         tokens[:, 1:1 + regs] = 1e4
         blocks.append(tokens)
-    feats = lh.probe_features(tuple(jnp.asarray(b) for b in blocks), regs)
+    feats = linear_heads.probe_features(tuple(jnp.asarray(b) for b in blocks), regs)
     assert feats["cls4"].shape == (batch, 4, dim) and feats["patch_mean"].shape == (batch, dim)
     assert feats["cls4"].dtype == jnp.float32
     np.testing.assert_array_equal(feats["patch_mean"], blocks[-1][:, 1 + regs:].mean(axis=1))
-    for n, avgpool in lh.LAYOUTS:
-        got = np.asarray(lh.linear_input(feats, n, avgpool))
+    for n, avgpool in linear_heads.LAYOUTS:
+        got = np.asarray(linear_heads.linear_input(feats, n, avgpool))
         want = _reference_linear_input(blocks, regs, n, avgpool)
         assert got.shape == (batch, (n + avgpool) * dim)
         np.testing.assert_array_equal(got, want)
-    x = np.asarray(lh.linear_input(feats, 4, True))  # CLS in block order: oldest of the last four first
+    x = np.asarray(linear_heads.linear_input(feats, 4, True))  # CLS in block order: oldest of the last four first
     np.testing.assert_array_equal(x[:, :dim], blocks[1][:, 0])
     np.testing.assert_array_equal(x[:, 3 * dim:4 * dim], blocks[4][:, 0])
     with pytest.raises(ValueError, match="last 4 blocks"):
-        lh.probe_features(tuple(jnp.asarray(b) for b in blocks[:3]), regs)
+        linear_heads.probe_features(tuple(jnp.asarray(b) for b in blocks[:3]), regs)
 
 
 # ---------------------------------------------------------------- the fused step
@@ -100,28 +100,28 @@ def test_fused_step_equals_independent_heads(multilabel):
     rng = np.random.default_rng(0)
     batch, dim, classes = 8, 4, 3
     # Global batch 2560 scales the grid by 10 (lrs up to 1.0) so that every head moves visibly.
-    state = lh.init_state(jax.random.PRNGKey(1), dim, classes, global_batch=2560)
-    heads = lh.unstack_heads(_copy(state))
+    state = linear_heads.init_state(jax.random.PRNGKey(1), dim, classes, global_batch=2560)
+    heads = linear_heads.unstack_heads(_copy(state))
     ref = [[np.asarray(h[k][p], np.float64)[0] for k in ("params", "momentum") for p in ("w", "b")]
            + [float(h["lr"][0])] for h in heads]
-    n_lr = len(lh.LR_GRID)
+    n_lr = len(linear_heads.LR_GRID)
     for factor in (1.0, 0.7, 0.3):  # three steps, so momentum buffers carry over
         feats = _random_features(rng, batch, dim)
         labels = (rng.random((batch, classes)) < 0.4).astype(np.float32) if multilabel else \
             rng.integers(0, classes, batch)
-        state, losses = lh.train_step(state, feats, jnp.asarray(labels), factor, multilabel=multilabel)
-        heads, seq_losses = lh.sequential_train_step(heads, feats, jnp.asarray(labels), factor,
+        state, losses = linear_heads.train_step(state, feats, jnp.asarray(labels), factor, multilabel=multilabel)
+        heads, seq_losses = linear_heads.sequential_train_step(heads, feats, jnp.asarray(labels), factor,
                                                      multilabel=multilabel)
         ref_losses = []
         for i, (w, b, m_w, m_b, lr) in enumerate(ref):
-            n, avgpool = lh.LAYOUTS[i // n_lr]
-            x = np.asarray(lh.linear_input(feats, n, avgpool), np.float64)
+            n, avgpool = linear_heads.LAYOUTS[i // n_lr]
+            x = np.asarray(linear_heads.linear_input(feats, n, avgpool), np.float64)
             w, b, m_w, m_b, loss = _numpy_head_step(w, b, m_w, m_b, x, labels, lr * factor, multilabel)
             ref[i] = [w, b, m_w, m_b, lr]
             ref_losses.append(loss)
         np.testing.assert_allclose(losses, ref_losses, atol=1e-6)
         np.testing.assert_allclose(seq_losses, ref_losses, atol=1e-6)
-    fused = lh.unstack_heads(state)
+    fused = linear_heads.unstack_heads(state)
     moved = worst = 0.0
     for i, (w, b, m_w, m_b, _) in enumerate(ref):
         for got, want in ((fused[i]["params"]["w"], w), (fused[i]["params"]["b"], b),
@@ -136,48 +136,48 @@ def test_fused_step_equals_independent_heads(multilabel):
 
 def test_summed_loss_gives_each_head_its_own_gradient():
     rng = np.random.default_rng(3)
-    state = lh.init_state(jax.random.PRNGKey(0), 4, 3, global_batch=256)
+    state = linear_heads.init_state(jax.random.PRNGKey(0), 4, 3, global_batch=256)
     feats = _random_features(rng, 8, 4)
     labels = jnp.asarray(rng.integers(0, 3, 8))
-    x = lh.linear_input(feats, 4, True)
+    x = linear_heads.linear_input(feats, 4, True)
 
     def total(params):  # what the fused step differentiates
-        return sum(lh._head_losses(lh._logits(params[lh.layout_key(n, a)], lh.linear_input(feats, n, a)),
-                                   labels, False).sum() for n, a in lh.LAYOUTS)
+        return sum(linear_heads._head_losses(linear_heads._logits(params[linear_heads.layout_key(n, a)], linear_heads.linear_input(feats, n, a)),
+                                   labels, False).sum() for n, a in linear_heads.LAYOUTS)
 
-    grads = jax.jit(jax.grad(total))(state.params)[lh.layout_key(4, True)]
-    own_grad = jax.jit(jax.grad(lambda p: lh._head_losses(lh._logits(p, x), labels, False).sum()))
+    grads = jax.jit(jax.grad(total))(state.params)[linear_heads.layout_key(4, True)]
+    own_grad = jax.jit(jax.grad(lambda p: linear_heads._head_losses(linear_heads._logits(p, x), labels, False).sum()))
     for i in (0, 6, 12):
-        own = own_grad(jax.tree.map(lambda t: t[i:i + 1], state.params[lh.layout_key(4, True)]))
+        own = own_grad(jax.tree.map(lambda t: t[i:i + 1], state.params[linear_heads.layout_key(4, True)]))
         np.testing.assert_allclose(grads["w"][i], own["w"][0], atol=1e-7)
         np.testing.assert_allclose(grads["b"][i], own["b"][0], atol=1e-7)
 
 
 def test_lr_scaling_and_cosine_schedule():
-    np.testing.assert_allclose(lh.scale_learning_rates(lh.LR_GRID, 128), np.array(lh.LR_GRID) / 2)
-    state = lh.init_state(jax.random.PRNGKey(0), 4, 3, global_batch=1024)
-    np.testing.assert_allclose(state.lrs, np.array(lh.LR_GRID) * 4, rtol=1e-6)
+    np.testing.assert_allclose(linear_heads.scale_learning_rates(linear_heads.LR_GRID, 128), np.array(linear_heads.LR_GRID) / 2)
+    state = linear_heads.init_state(jax.random.PRNGKey(0), 4, 3, global_batch=1024)
+    np.testing.assert_allclose(state.lrs, np.array(linear_heads.LR_GRID) * 4, rtol=1e-6)
     total = 20
-    factors = np.array([lh.cosine_factor(s, total) for s in range(total + 1)])
+    factors = np.array([linear_heads.cosine_factor(s, total) for s in range(total + 1)])
     np.testing.assert_allclose(factors, _torch_cosine_lrs(1.0, total, total + 1), atol=1e-12)
-    assert factors[0] == 1.0 and abs(factors[total]) < 1e-15 and lh.cosine_factor(total + 5, total) == 0.0
+    assert factors[0] == 1.0 and abs(factors[total]) < 1e-15 and linear_heads.cosine_factor(total + 5, total) == 0.0
     # One step from zero momentum moves the bias by exactly -grid_lr * batch/256 * factor * grad.
     feats = _random_features(np.random.default_rng(0), 8, 4)
     labels = jnp.array([0, 1, 2, 0, 1, 2, 0, 1])
     before = _copy(state)
-    after, _ = lh.train_step(state, feats, labels, lh.cosine_factor(7, total))
-    key = lh.layout_key(1, False)
+    after, _ = linear_heads.train_step(state, feats, labels, linear_heads.cosine_factor(7, total))
+    key = linear_heads.layout_key(1, False)
     step = np.asarray(after.params[key]["b"] - before.params[key]["b"], np.float64)
     grad = np.asarray(after.momentum[key]["b"], np.float64)
-    expected = -np.array(lh.LR_GRID)[:, None] * 4 * lh.cosine_factor(7, total) * grad
+    expected = -np.array(linear_heads.LR_GRID)[:, None] * 4 * linear_heads.cosine_factor(7, total) * grad
     np.testing.assert_allclose(step, expected, rtol=1e-4, atol=1e-9)
 
 
 def test_init_statistics():
     dim, classes = 64, 16
-    state = lh.init_state(jax.random.PRNGKey(0), dim, classes, global_batch=256)
-    for n, avgpool in lh.LAYOUTS:
-        p = state.params[lh.layout_key(n, avgpool)]
+    state = linear_heads.init_state(jax.random.PRNGKey(0), dim, classes, global_batch=256)
+    for n, avgpool in linear_heads.LAYOUTS:
+        p = state.params[linear_heads.layout_key(n, avgpool)]
         assert p["w"].shape == (13, (n + avgpool) * dim, classes) and p["b"].shape == (13, classes)
         w = np.asarray(p["w"])
         assert abs(w.std() - 0.01) < 0.0005 and abs(w.mean()) < 0.0005
@@ -193,35 +193,35 @@ def test_separable_data_reaches_full_train_accuracy():
     centres = 3.0 * rng.normal(size=(classes, 5, dim))
     tokens = centres[labels] + 0.3 * rng.normal(size=(n, 5, dim))
     feats = {"cls4": jnp.asarray(tokens[:, :4], jnp.float32), "patch_mean": jnp.asarray(tokens[:, 4], jnp.float32)}
-    state = lh.init_state(jax.random.PRNGKey(0), dim, classes, global_batch=n)
+    state = linear_heads.init_state(jax.random.PRNGKey(0), dim, classes, global_batch=n)
     labels_j = jnp.asarray(labels)
     for s in range(steps):
-        state, losses = lh.train_step(state, feats, labels_j, lh.cosine_factor(s, steps))
+        state, losses = linear_heads.train_step(state, feats, labels_j, linear_heads.cosine_factor(s, steps))
     losses = np.asarray(losses).reshape(4, 13)
     assert (np.diff(losses[:, :10], axis=1) < 0).all()  # each head learned at its own rate
-    acc = (np.asarray(lh.evaluate(state, feats)).argmax(-1) == labels[None]).mean(axis=1)
-    names = lh.head_names()
-    mid = [i for i, name in enumerate(names) if 1e-3 <= lh.LR_GRID[i % 13] <= 1e-1]
+    acc = (np.asarray(linear_heads.evaluate(state, feats)).argmax(-1) == labels[None]).mean(axis=1)
+    names = linear_heads.head_names()
+    mid = [i for i, name in enumerate(names) if 1e-3 <= linear_heads.LR_GRID[i % 13] <= 1e-1]
     assert all(acc[i] == 1.0 for i in mid), {names[i]: acc[i] for i in mid}
 
 
 def test_head_names_and_order():
-    names = lh.head_names()
+    names = linear_heads.head_names()
     assert len(names) == 52 == len(set(names))
     assert names[0] == "blocks1_avgpoolFalse_lr1e-05" and names[12] == "blocks1_avgpoolFalse_lr0.1"
     assert names[13] == "blocks1_avgpoolTrue_lr1e-05" and names[26] == "blocks4_avgpoolFalse_lr1e-05"
     assert names[-1] == "blocks4_avgpoolTrue_lr0.1" and names[9] == "blocks1_avgpoolFalse_lr0.01"
     # evaluate() and the unstacked heads follow the same order.
-    state = lh.init_state(jax.random.PRNGKey(0), 4, 3, global_batch=256)
-    key = lh.layout_key(4, False)
+    state = linear_heads.init_state(jax.random.PRNGKey(0), 4, 3, global_batch=256)
+    key = linear_heads.layout_key(4, False)
     state = state.replace(params={**state.params, key: {**state.params[key],
                                                         "b": state.params[key]["b"].at[5, 1].set(50.0)}})
-    logits = np.asarray(lh.evaluate(state, _random_features(np.random.default_rng(0), 8, 4)))
+    logits = np.asarray(linear_heads.evaluate(state, _random_features(np.random.default_rng(0), 8, 4)))
     assert logits.shape == (52, 8, 3)
     marked = names.index("blocks4_avgpoolFalse_lr0.0005")
     assert (logits[:, :, 1] > 25).all(axis=1).nonzero()[0].tolist() == [marked]
-    heads = lh.unstack_heads(state)
+    heads = linear_heads.unstack_heads(state)
     assert float(heads[marked]["params"]["b"][0, 1]) == 50.0
-    back = lh.stack_heads(heads, state.step)
+    back = linear_heads.stack_heads(heads, state.step)
     for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(state)):
         np.testing.assert_array_equal(a, b)
