@@ -102,7 +102,9 @@ def load_init(config) -> Init:
         if f.official_kind == "mae":  # the encoder of official MAE weights (full or encoder-only files)
             from medjax.models.convert_mae import load_official_mae
 
-            mae, mae_params = load_official_mae(f.official_weights, img_size=size, in_chans=1)
+            # Heads are not in the weights: the official widths imply them, config.model.num_heads sets others.
+            mae, mae_params = load_official_mae(f.official_weights, img_size=size, in_chans=1,
+                                                num_heads=config.model.num_heads)
             backbone, params = mae.encoder_model(), mae_params["encoder"]
         else:
             backbone, params = convert.load_official(f.official_weights, img_size=size, in_chans=1)

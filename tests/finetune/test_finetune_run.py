@@ -229,8 +229,9 @@ def test_official_mae_weights_start_the_encoder(tmp_path):
     c = load_config()
     c.finetune.init, c.finetune.official_kind, c.finetune.official_weights = "official", "mae", weights
     c.finetune.image_size = 32
+    c.model.num_heads = 4  # a non-official width: its heads are not in the weights
     init = finetune.load_init(c)
-    _, want = load_official_mae(weights, img_size=32, in_chans=1)
+    _, want = load_official_mae(weights, img_size=32, in_chans=1, num_heads=4)
     assert init.backbone.embed_dim == 48 and init.backbone.init_values is None and init.record["kind"] == "official"
     for got, expected in zip(jax.tree.leaves(init.params), jax.tree.leaves(want["encoder"]), strict=True):
         np.testing.assert_array_equal(got, expected)
