@@ -77,6 +77,17 @@ def make_mesh(data: int = -1, fsdp: int = 1, devices=None) -> Mesh:
     return Mesh(np.asarray(devices).reshape(sizes), BATCH_AXES)
 
 
+def check_mesh_config(m) -> None:
+    """``config.mesh`` of a trainer: one sentence naming the first bad value."""
+    for axis in ("data", "fsdp"):
+        if m[axis] == 0 or m[axis] < -1:
+            raise ValueError(f"config.mesh.{axis}={m[axis]} must be a positive number or -1 (all remaining devices).")
+    if m.data == -1 and m.fsdp == -1:
+        raise ValueError("Only one of config.mesh.data and config.mesh.fsdp may be -1 (all remaining devices).")
+    if m.fsdp_min_size < 0:
+        raise ValueError(f"config.mesh.fsdp_min_size={m.fsdp_min_size} must be 0 or more.")
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
     """Leading (batch) dimension split over every mesh axis."""
     return NamedSharding(mesh, logical_spec("batch"))

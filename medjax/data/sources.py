@@ -73,6 +73,13 @@ def use_run_demo_data(config, run_dir: str) -> None:
         config.data.demo_dir = run_data
 
 
+def check_slice_cache(config) -> None:
+    """The slice cache with volumes (``config.model.spatial_dims=3``): one sentence naming the fix."""
+    if config.model.spatial_dims == 3 and config.data.cache_dir:
+        raise ValueError("config.data.cache_dir caches 2D slices; 3D pretraining (config.model.spatial_dims=3) "
+                         "reads whole volumes, so leave config.data.cache_dir empty.")
+
+
 def split_rows(config, manifest_path: str, split: str, *, label_columns=(), extra_columns=()):
     """``(normalisation dict, rows)`` of one split of a manifest: what slice and volume sources start from."""
     d = config.data

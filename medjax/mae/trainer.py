@@ -10,7 +10,6 @@ anything is saved, checkpoints hold the state and the Grain iterator, a rerun re
 from __future__ import annotations
 
 import os
-import time
 from typing import Any
 
 import flax.struct
@@ -19,7 +18,7 @@ import jax.numpy as jnp
 import optax
 from flax import traverse_util
 
-from medjax import checkpoint, console, reporting, sharding
+from medjax import checkpoint, console, reporting, sharding, training_loop
 from medjax.mae.batches import MAEData
 from medjax.mae.reconstructions import Reconstructions
 from medjax.mae.validate import validate, visible_patches
@@ -79,8 +78,7 @@ def start_from_official(state: MAEState, shardings, model, path: str) -> MAEStat
         raise FileNotFoundError(f"config.model.init_weights={path!r} does not exist; give the path of official MAE "
                                 "weights (.pth, .npz or .safetensors).")
     _, loaded = load_official_mae(path, model=model)
-    merged = {**state.params, **{k: v for k, v in loaded.items()}}
-    return jax.device_put(state.replace(params=merged), shardings)
+    return jax.device_put(state.replace(params={**state.params, **loaded}), shardings)
 
 
 def jit_train_step(train_step, state_shardings, batch_shardings: dict, mesh):
@@ -132,56 +130,26 @@ def run(config, workdir: str) -> dict:
         state = start_from_official(state, state_shardings, model, config.model.init_weights)
     ckpt = checkpoint.Checkpointer(workdir, max_to_keep=config.train.keep_checkpoints)
     meta = {"fingerprint": checkpoint.tree_fingerprint(state.params), "config": checkpoint.dumps_config(config)}
-    start = ckpt.latest_step()
-    if start is not None:
-        state, _ = ckpt.restore(start, state, data.iterator, meta)
-        console.say(f"Resumed from step {start} of {total_steps} ({ckpt.directory}).")
-    start = start or 0
+    state, start = training_loop.resume(ckpt, state, data, meta, total_steps)
     console.say(f"MAE: {model.depth}-block encoder of width {model.embed_dim} sees {visible_patches(config)} of "
                 f"{(model.img_size // model.patch_size) ** model.spatial_dims} patches; {epoch_length} steps per "
                 f"epoch of {global_batch} images, {total_steps} steps, peak lr {lr.base:.3g}.")
 
     step_fn = jit_train_step(make_train_step(model, config, tx, lr), state_shardings, data.shardings, mesh)
     reporter = reporting.Reporter(workdir, total_steps=total_steps, images_per_step=global_batch, is_main=is_main)
-    backbone = backbone_from_config(config)
     evaluator = None
     if config.evals.every or config.evals.final:
-        evaluator = Evaluator(config, backbone, workdir,
+        evaluator = Evaluator(config, backbone_from_config(config), workdir,
                               random_params=lambda seed: mae_encoder_init(config, jax.random.PRNGKey(seed)))
     pictures = Reconstructions(config, model, workdir) if is_main and config.train.reconstructions else None
-    overview = os.path.join(workdir, "training_overview.png")
-    t_start, pending, last, final_table = time.perf_counter(), [], {}, ""
-    try:
-        for step in range(start, stop_step):
-            state, metrics = step_fn(state, data.next_batch(), step_rng)
-            pending.append((step, metrics))
-            done = step + 1
-            is_ckpt = done % config.train.checkpoint_every == 0 or done == stop_step
-            if done % config.train.log_every == 0 or is_ckpt or done == start + 1:
-                last = reporter.write(done, reporting.mean_metrics(pending))
-                pending = []
-                reporter.progress(done, last)
-                if done == start + 1:
-                    reporter.start(done)  # throughput excludes compilation
-            if is_ckpt:
-                ckpt.save(done, state, data.iterator, meta)
-            if evaluator is not None and done == stop_step and config.evals.final:
-                scores, final_table = evaluator.final(state.params["encoder"], done,
-                                                      checkpoint.step_dir(workdir, done), config.seed)
-                reporter.write(done, scores)
-            elif evaluator is not None and config.evals.every and done % config.evals.every == 0:
-                reporter.write(done, evaluator(state.params["encoder"], done))
-            if is_main and (done % config.train.plot_every == 0 or done == stop_step):
-                reporter.flush()
-                reporting.plot_training_overview(reporter.jsonl_path, overview, title=_title(config))
-                if pictures is not None:
-                    pictures.draw(checkpoint.host_arrays(state.params), done)
-    finally:
-        ckpt.close()
-        reporter.close()
-        data.close()
+    on_plot = (lambda s, step: pictures.draw(checkpoint.host_arrays(s.params), step)) if pictures else None
+    result = training_loop.run_steps(
+        config, workdir, state=state, step_fn=step_fn, step_rng=step_rng, data=data, ckpt=ckpt, meta=meta,
+        reporter=reporter, start=start, stop_step=stop_step, evaluator=evaluator,
+        backbone_params=lambda s: s.params["encoder"], title=_title(config), on_plot=on_plot)
+    last, final_table = result.last, result.final_table
     summary = {"workdir": os.path.abspath(workdir), "steps": stop_step, "total_steps": total_steps,
-               "minutes": (time.perf_counter() - t_start) / 60, "final_metrics": last}
+               "minutes": result.minutes, "final_metrics": last}
     if stop_step > start:
         console.say(f"\nMAE pretraining finished at step {stop_step} of {total_steps} ({summary['minutes']:.1f} min "
                     f"in this run); final loss {last.get('loss', float('nan')):.4f}.\n  workdir {summary['workdir']}: "

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from medjax import sharding
+from medjax.data.sources import check_slice_cache
 from medjax.distributed import check_distributed_config
 from medjax.models.vit import MODELS
 from medjax.probe import validate_evals
@@ -70,15 +72,6 @@ def validate(c) -> None:
     if c.optim.warmup_epochs > c.optim.epochs:
         raise ValueError(f"config.optim.warmup_epochs={c.optim.warmup_epochs} is longer than config.optim.epochs="
                          f"{c.optim.epochs}; shorten the warm-up.")
-    if c.model.spatial_dims == 3 and (c.evals.every or c.evals.final):
-        raise ValueError("The kNN and linear-probe evaluations read 2D slices, so they cannot run during 3D "
-                         "pretraining (config.model.spatial_dims=3); set config.evals.every=0 and "
-                         "config.evals.final=False.")
-    if c.model.spatial_dims == 3 and c.data.cache_dir:
-        raise ValueError("config.data.cache_dir caches 2D slices; 3D pretraining reads whole volumes, so leave "
-                         "config.data.cache_dir empty.")
-    for axis in ("data", "fsdp"):
-        if c.mesh[axis] == 0 or c.mesh[axis] < -1:
-            raise ValueError(f"config.mesh.{axis}={c.mesh[axis]} must be a positive number or -1 (all remaining "
-                             "devices).")
+    check_slice_cache(c)
+    sharding.check_mesh_config(c.mesh)
     check_distributed_config(c.distributed)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import functools
 import os
-import time
 from typing import Any
 
 import flax.struct
@@ -20,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from medjax import checkpoint, console, optim, reporting, sharding
+from medjax import checkpoint, console, optim, reporting, sharding, training_loop
 from medjax.models.backbone import dinov2_init
 from medjax.pretrain.batches import PretrainData
 from medjax.pretrain.loss_model import LossConfig, build_models, init_params, ssl_loss
@@ -173,11 +172,7 @@ def run(config, workdir: str) -> dict:
         "fingerprint": checkpoint.tree_fingerprint(state.student),
         "config": checkpoint.dumps_config(config),
     }
-    start = ckpt.latest_step()
-    if start is not None:
-        state, _ = ckpt.restore(start, state, data.iterator, meta)
-        console.say(f"Resumed from step {start} of {total_steps} ({ckpt.directory}).")
-    start = start or 0
+    state, start = training_loop.resume(ckpt, state, data, meta, total_steps)
 
     step_fn = jit_train_step(make_train_step(models, config, schedules, rules, adam), state_shardings,
                              data.shardings, mesh)
@@ -189,44 +184,17 @@ def run(config, workdir: str) -> dict:
         backbone = models.backbone
         evaluator = Evaluator(config, backbone, workdir,
                               random_params=lambda seed: dinov2_init(backbone, jax.random.PRNGKey(seed)))
-    overview = os.path.join(workdir, "training_overview.png")
-    jsonl = reporter.jsonl_path
-    t_start, pending, last, final_table = time.perf_counter(), [], {}, ""
-    try:
-        for step in range(start, stop_step):
-            state, metrics = step_fn(state, data.next_batch(), step_rng)
-            pending.append((step, metrics))
-            done = step + 1
-            is_ckpt = done % config.train.checkpoint_every == 0 or done == stop_step
-            if done % config.train.log_every == 0 or is_ckpt or done == start + 1:
-                last = reporting.mean_metrics(pending)
-                pending = []
-                last = reporter.write(done, last)
-                reporter.progress(done, last)
-                if done == start + 1:
-                    reporter.start(done)  # throughput excludes compilation
-            if is_ckpt:
-                ckpt.save(done, state, data.iterator, meta)
-            if evaluator is not None and done == stop_step and config.evals.final:
-                scores, final_table = evaluator.final(state.teacher["backbone"], done,
-                                                      checkpoint.step_dir(workdir, done), config.seed)
-                reporter.write(done, scores)
-            elif evaluator is not None and config.evals.every and done % config.evals.every == 0:
-                reporter.write(done, evaluator(state.teacher["backbone"], done))
-            if is_main and (done % config.train.plot_every == 0 or done == stop_step):
-                reporter.flush()
-                reporting.plot_training_overview(jsonl, overview, title=_title(config))
-    finally:
-        ckpt.close()
-        reporter.close()
-        data.close()
-    minutes = (time.perf_counter() - t_start) / 60
+    result = training_loop.run_steps(
+        config, workdir, state=state, step_fn=step_fn, step_rng=step_rng, data=data, ckpt=ckpt, meta=meta,
+        reporter=reporter, start=start, stop_step=stop_step, evaluator=evaluator,
+        backbone_params=lambda s: s.teacher["backbone"], title=_title(config))
+    final_table = result.final_table
     summary = {
         "workdir": os.path.abspath(workdir),
         "steps": stop_step,
         "total_steps": total_steps,
-        "minutes": minutes,
-        "final_metrics": last,
+        "minutes": result.minutes,
+        "final_metrics": result.last,
     }
     if is_main and stop_step > start:
         _print_summary(summary, config)

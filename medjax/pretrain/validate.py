@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from medjax import sharding
+from medjax.data.sources import check_slice_cache
 from medjax.distributed import check_distributed_config
 from medjax.probe import validate_evals
 
@@ -70,22 +72,8 @@ def validate(c) -> None:
             raise ValueError(f"config.model.{key}={c.model[key]} must be a positive number.")
     if c.model.spatial_dims not in (2, 3):
         raise ValueError(f"config.model.spatial_dims={c.model.spatial_dims!r} must be 2 (slices) or 3 (volumes).")
-    if c.model.spatial_dims == 3 and (c.evals.every or c.evals.final):
-        raise ValueError("The kNN and linear-probe evaluations read 2D slices, so they cannot run during 3D "
-                         "pretraining (config.model.spatial_dims=3); set config.evals.every=0 and "
-                         "config.evals.final=False.")
-    if c.model.spatial_dims == 3 and c.data.cache_dir:
-        raise ValueError("config.data.cache_dir caches 2D slices; 3D pretraining (config.model.spatial_dims=3) "
-                         "reads whole volumes, so leave config.data.cache_dir empty.")
-    for axis in ("data", "fsdp"):
-        if c.mesh[axis] == 0 or c.mesh[axis] < -1:
-            raise ValueError(
-                f"config.mesh.{axis}={c.mesh[axis]} must be a positive number or -1 (all remaining devices)."
-            )
-    if c.mesh.data == -1 and c.mesh.fsdp == -1:
-        raise ValueError("Only one of config.mesh.data and config.mesh.fsdp may be -1 (all remaining devices).")
-    if c.mesh.fsdp_min_size < 0:
-        raise ValueError(f"config.mesh.fsdp_min_size={c.mesh.fsdp_min_size} must be 0 or more.")
+    check_slice_cache(c)
+    sharding.check_mesh_config(c.mesh)
     check_distributed_config(c.distributed)
     if c.model.embed_dim is not None and c.model.num_heads is not None and c.model.embed_dim % c.model.num_heads:
         raise ValueError(

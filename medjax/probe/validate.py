@@ -41,3 +41,7 @@ def validate_evals(c) -> None:
     if (e.every or e.final) and c.model.depth is not None and c.model.depth < 4 and e.linear_probe:
         raise ValueError(f"config.model.depth={c.model.depth}: the linear probe reads the last 4 blocks, so "
                          "evaluations need a backbone of at least 4 blocks (or config.evals.linear_probe=False).")
+    if c.model.spatial_dims == 3 and (c.evals.every or c.evals.final):
+        raise ValueError("The kNN and linear-probe evaluations read 2D slices, so they cannot run during 3D "
+                         "pretraining (config.model.spatial_dims=3); set config.evals.every=0 and "
+                         "config.evals.final=False.")
