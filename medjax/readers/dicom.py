@@ -4,7 +4,8 @@ DICOM leaves a lot to the reader, and each shortcut has cost someone a silent er
 file names and InstanceNumber do not give slice order (positions do), SliceThickness is
 not slice spacing, one folder may hold several series, stored values are not Hounsfield
 units until RescaleSlope/Intercept are applied (per frame in enhanced objects),
-MONOCHROME1 means high values are dark, and compressed pixel data needs decoder plugins.
+MONOCHROME1 means high values are dark, compressed pixel data needs decoder plugins, and a
+Siemens mosaic tiles a whole volume into one frame (``mosaic``).
 This module handles each of these explicitly and says so in ``meta['warnings']`` when it
 had to guess.
 """
@@ -23,6 +24,7 @@ from pydicom.errors import InvalidDicomError
 from pydicom.uid import ImplicitVRLittleEndian
 
 from medjax.readers.image_data import ImageData, ImageReadError, axcodes, canonical_ras, reason
+from medjax.readers.mosaic import is_mosaic, mosaic_geometry, unpack_tiles
 
 _PIXEL_TAGS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 _GAP_TOLERANCE = 0.01  # relative deviation of a slice gap from the median that is reported
@@ -52,12 +54,14 @@ def read_dicom_file(path: str) -> ImageData:
     return _from_dataset(path, ds, [])
 
 
-def read_dicom_series(folder: str, series_uid: str | None = None) -> ImageData:
+def read_dicom_series(folder: str, series_uid: str | None = None, volume_index: int | None = None) -> ImageData:
     """Read the DICOM series in ``folder`` (its files only; subfolders are not searched).
 
     Several SeriesInstanceUIDs in one folder are refused unless ``series_uid`` picks one,
     because silently keeping the first is how a localizer or a second contrast ends up in
     a training set. Non-DICOM files and non-image DICOM objects are skipped with a warning.
+    A folder of Siemens mosaic files is a 4D series (one volume per file and time point):
+    ``volume_index`` picks one file in acquisition order; without it the folder is refused.
     """
     folder = os.fspath(folder)
     if not os.path.isdir(folder):
@@ -95,6 +99,9 @@ def read_dicom_series(folder: str, series_uid: str | None = None) -> ImageData:
     if len(files) == 1:
         image = _from_dataset(files[0][0], files[0][1], warnings)
         return dataclasses.replace(image, meta={**image.meta, "source": folder})
+    mosaics = [p for p, ds in files if is_mosaic(ds)]
+    if mosaics:
+        return _mosaic_series(folder, files, len(mosaics), volume_index, warnings)
     multi = [p for p, ds in files if _num_frames(ds) > 1]
     if multi:
         raise ImageReadError(f"{multi[0]}: is a multi-frame object inside a {len(files)}-file series; "
@@ -103,6 +110,33 @@ def read_dicom_series(folder: str, series_uid: str | None = None) -> ImageData:
                      _floats(ds.get("ImageOrientationPatient"), 6), _int(ds.get("InstanceNumber")),
                      lambda path=path, ds=ds: _decode(ds, path)) for path, ds in files]
     return _volume(folder, files[0][1], slices, warnings)
+
+
+def _mosaic_series(folder: str, files: list, n_mosaics: int, volume_index: int | None, warnings: list) -> ImageData:
+    """One file (time point) of a folder of mosaic files, picked by ``volume_index`` in acquisition order."""
+    if n_mosaics != len(files):
+        raise ImageReadError(f"{folder}: mixes {n_mosaics} Siemens mosaic files with {len(files) - n_mosaics} plain "
+                             "slices in one series; keep one kind in the folder.")
+
+    def when(item):  # AcquisitionNumber counts time points; InstanceNumber breaks ties
+        ds = item[1]
+        return tuple(_int(ds.get(k)) if _int(ds.get(k)) is not None else -1
+                     for k in ("AcquisitionNumber", "InstanceNumber")) + (os.path.basename(item[0]),)
+
+    files = sorted(files, key=when)
+    if volume_index is None or not 0 <= volume_index < len(files):
+        geometry = mosaic_geometry(files[0][0], files[0][1], [])
+        shape = (*geometry.tile, geometry.n_slices, len(files))
+        asked = "" if volume_index is None else f"volume_index={volume_index} is not one of 0..{len(files) - 1}; "
+        raise ImageReadError(
+            f"{folder}: holds {len(files)} Siemens mosaic files, the time points of a 4D series of shape {shape} "
+            f"(rows, columns, slices, volumes); {asked}pick one with volume_index (config.data.volume_index in a "
+            "medjax config, 0 = the first) or point the manifest at one file.")
+    path, ds = files[volume_index]
+    image = _from_dataset(path, ds, warnings)
+    meta = {**image.meta, "source": folder, "file": path, "volume_index": int(volume_index),
+            "num_volumes": len(files)}
+    return dataclasses.replace(image, meta=meta)
 
 
 def _read(path: str, *, skip_non_dicom: bool) -> pydicom.Dataset | None:
@@ -263,6 +297,11 @@ def _from_dataset(path: str, ds: pydicom.Dataset, warnings: list) -> ImageData:
     """One parsed file: a single frame -> 2D image, several frames -> volume."""
     frames = _num_frames(ds)
     photometric = str(ds.get("PhotometricInterpretation", ""))
+    if is_mosaic(ds):
+        if frames > 1:
+            raise ImageReadError(f"{path}: is a Siemens mosaic with {frames} frames; mosaics hold one frame, "
+                                 "convert the file with dcm2niix.")
+        return _mosaic_volume(path, ds, warnings)
     if frames > 1:
         cache = {}
 
@@ -296,8 +335,36 @@ def _from_dataset(path: str, ds: pydicom.Dataset, warnings: list) -> ImageData:
     return ImageData(array.astype(np.float32), spacing, None, meta)
 
 
-def _volume(source: str, ds0: pydicom.Dataset, slices: list[_Slice], warnings: list) -> ImageData:
-    """Sort slices along the normal, derive spacing from positions, build the RAS+ volume."""
+def _mosaic_volume(path: str, ds: pydicom.Dataset, warnings: list) -> ImageData:
+    """A Siemens mosaic's tiles as the slices of a volume, each at its own position along the slice normal."""
+    geometry = mosaic_geometry(path, ds, warnings)
+    cache = {}
+
+    def load(k):
+        if "tiles" not in cache:
+            stored = _decode(ds, path)
+            if stored.shape != (int(ds.Rows), int(ds.Columns)):
+                raise ImageReadError(f"{path}: is a Siemens mosaic whose pixel data have shape {stored.shape}, not "
+                                     f"one grey frame of {int(ds.Rows)} x {int(ds.Columns)}; convert it with dcm2niix.")
+            cache["tiles"] = unpack_tiles(stored, geometry)
+        return cache["tiles"][k]
+
+    name = os.path.basename(path)
+    slices = [_Slice(f"{name} tile {k + 1}", ds, 0, geometry.first + k * geometry.gap * geometry.normal,
+                     geometry.iop, k + 1, lambda k=k: load(k)) for k in range(geometry.n_slices)]
+    image = _volume(path, ds, slices, warnings, tile=geometry.tile, single_gap=geometry.gap)
+    mosaic = {"slices": geometry.n_slices, "grid": [geometry.per_side] * 2, "tile": list(geometry.tile),
+              "slice_normal": geometry.normal_source}
+    return dataclasses.replace(image, meta={**image.meta, "mosaic": mosaic, "spacing_source": geometry.gap_source})
+
+
+def _volume(source: str, ds0: pydicom.Dataset, slices: list[_Slice], warnings: list, *,
+            tile: tuple[int, int] | None = None, single_gap: float | None = None) -> ImageData:
+    """Sort slices along the normal, derive spacing from positions, build the RAS+ volume.
+
+    ``tile`` is the slices' (rows, columns) when they are not the frame's (a mosaic's tiles);
+    ``single_gap`` the spacing along the normal of a one-slice volume (no positions to derive it from).
+    """
     photometric = str(ds0.get("PhotometricInterpretation", ""))
     if photometric not in ("MONOCHROME1", "MONOCHROME2"):
         raise ImageReadError(f"{source}: is a {photometric} colour volume; medjax reads colour only as 2D images.")
@@ -312,7 +379,10 @@ def _volume(source: str, ds0: pydicom.Dataset, slices: list[_Slice], warnings: l
                 "the others (a localizer in the series?); remove the odd files or read them separately.")
     row_dir, col_dir = iop[:3] / np.linalg.norm(iop[:3]), iop[3:] / np.linalg.norm(iop[3:])
     normal = np.cross(row_dir, col_dir)
-    if all(s.ipp is not None for s in slices):
+    if len(slices) == 1 and slices[0].ipp is not None and single_gap:
+        order, step, origin = np.zeros(1, np.int64), normal * single_gap, slices[0].ipp
+        spacing_source = "SpacingBetweenSlices/SliceThickness"
+    elif all(s.ipp is not None for s in slices):
         proj = np.array([s.ipp @ normal for s in slices])
         order = np.argsort(proj, kind="stable")
         gaps = np.diff(proj[order])
@@ -348,7 +418,7 @@ def _volume(source: str, ds0: pydicom.Dataset, slices: list[_Slice], warnings: l
         step, spacing_source = normal * gap, "SpacingBetweenSlices/SliceThickness"
         origin = next((slices[i].ipp for i in order if slices[i].ipp is not None), np.zeros(3))
     (row_spacing, col_spacing), _ = _pixel_spacing(ds0, 0, warnings)
-    rows, cols = int(ds0.Rows), int(ds0.Columns)
+    rows, cols = tile or (int(ds0.Rows), int(ds0.Columns))
     array = np.empty((rows, cols, len(slices)), dtype=np.float32)
     rescale = []
     for k, index in enumerate(order):

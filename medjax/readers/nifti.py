@@ -16,14 +16,16 @@ import numpy as np
 from medjax.readers.image_data import ImageData, ImageReadError, axcodes, reason
 
 
-def read_nifti(path: str) -> ImageData:
+def read_nifti(path: str, volume_index: int | None = None) -> ImageData:
     """Read a ``.nii``/``.nii.gz`` file, reoriented to the closest canonical RAS+.
 
     Returns a 3D volume, or a 4D one (X, Y, Z, T) when the fourth axis is real (time
     points, components); singleton axes beyond the third are dropped. The spacing is the
     three spatial header zooms after reorientation; a fourth zoom goes to
     ``meta['time_step']``. Whether a 4D result is acceptable is the caller's decision
-    (``read_image(..., expect_3d=True)`` refuses it).
+    (``read_image(..., expect_3d=True)`` refuses it). ``volume_index`` reads only that volume
+    of a 4D file (``meta['volume_index']`` and ``meta['num_volumes']`` record it); a 3D file
+    ignores it.
     """
     path = os.fspath(path)
     try:
@@ -43,6 +45,14 @@ def read_nifti(path: str) -> ImageData:
     if len(img.shape) == 2:  # a single slice stored as 2D: give it a slice axis like any volume
         img = nib.Nifti1Image(np.asanyarray(img.dataobj)[..., None], img.affine, header)
     original = axcodes(img.affine)
+    selected = None
+    if volume_index is not None and len(img.shape) == 4 and img.shape[3] > 1:
+        count = int(img.shape[3])
+        if not 0 <= volume_index < count:
+            raise ImageReadError(f"{path}: volume_index={volume_index} asks for a volume that the 4D data of shape "
+                                 f"{tuple(img.shape)} do not have; choose one of 0..{count - 1}.")
+        img = img.slicer[:, :, :, volume_index]  # only that volume's voxels are read
+        selected = {"volume_index": int(volume_index), "num_volumes": count}
     try:
         canonical = nib.as_closest_canonical(img)
         data = canonical.get_fdata(dtype=np.float32)
@@ -70,4 +80,5 @@ def read_nifti(path: str) -> ImageData:
     }
     if data.ndim == 4 and len(zooms) > 3:
         meta["time_step"] = zooms[3]
+    meta.update(selected or {})
     return ImageData(np.ascontiguousarray(data), tuple(zooms[:3]), canonical.affine.copy(), meta)

@@ -76,3 +76,21 @@ def test_damaged_files_name_the_file(tmp_path):
     assert "\n" not in str(err.value)
     with pytest.raises(ImageReadError, match=r"absent\.nii\.gz: no such file"):
         read_image(str(tmp_path / "absent.nii.gz"))
+
+
+def test_volume_index_reads_one_volume_of_a_4d_file():
+    whole = read_nifti(EXAMPLE_4D)
+    second = read_image(EXAMPLE_4D, volume_index=1, expect_3d=True)
+    assert second.array.shape == (128, 96, 24) and second.spacing == whole.spacing
+    np.testing.assert_array_equal(second.array, whole.array[..., 1])
+    np.testing.assert_array_equal(second.affine, whole.affine)
+    assert second.meta["volume_index"] == 1 and second.meta["num_volumes"] == 2 and "time_step" not in second.meta
+    assert read_image(ANATOMICAL, volume_index=1).array.shape == (33, 41, 25)  # a 3D file ignores it
+    with pytest.raises(ImageReadError, match=r"example4d\.nii\.gz: volume_index=2 .*shape \(128, 96, 24, 2\).*0\.\.1"):
+        read_image(EXAMPLE_4D, volume_index=2)
+
+
+def test_4d_refusal_names_shape_and_config_key():
+    with pytest.raises(ImageReadError, match=r"example4d\.nii\.gz: expected a 3D volume but got a 4D volume of shape "
+                                             r"\(128, 96, 24, 2\) \(2 time points.*config\.data\.volume_index"):
+        read_image(EXAMPLE_4D, expect_3d=True)
