@@ -20,6 +20,14 @@ transform (`index.transform(i)`). Masks get the same geometry and no normalisati
 Building an index reads every row once (slice counts, background, mask checks,
 unreadable files: all found before training); decoded volumes then live in a
 small LRU cache, so shuffled access over many volumes rereads files.
+
+Files that are not what they seem are taken as configured or refused by name,
+never read silently wrong: a 4D file (time points, diffusion directions) gives
+the volume `volume_index` picks, or is refused naming its shape; a colour image
+is folded to grey with the ITU-R 601 luma; a mask on another grid than its
+image is resampled with nearest neighbour when `mask_resample` is set; mask
+values are mapped through `mask_values` (e.g. {255: 1}) before they are checked.
+Each of these is said once per index, with how many files it concerned.
 """
 
 from __future__ import annotations
@@ -27,18 +35,28 @@ from __future__ import annotations
 import collections
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
+from medjax import console
 from medjax.data.intensity import normalise, resample
+from medjax.data.label_maps import check_mask_values, fit_mask
 from medjax.data.manifest import ManifestError, ManifestRow
-from medjax.readers import ImageReadError, read_image
+from medjax.readers import ImageReadError, four_d_refusal, read_image
 
 AXES = {"sagittal": 0, "coronal": 1, "axial": 2}
 DEFAULT_NORMALISATION = {"method": "percentile", "low": 0.5, "high": 99.5}
-_SPACING_TOL = 1e-3  # mm: masks and images on the same grid agree far better than this
 _PROGRESS_S = 10.0  # print build progress when reading takes longer than this
+_LUMA = np.asarray([0.299, 0.587, 0.114], np.float32)  # ITU-R BT.601 weights of R, G, B
+# What an index says once about files it took as configured rather than as they came.
+_NOTES = {
+    "colour": "colour image(s) (channels differ) folded to one grey channel with the ITU-R 601 luma "
+              "0.299 R + 0.587 G + 0.114 B",
+    "volume": "4D file(s) of which one volume is used (config.data.volume_index)",
+    "mask_grid": "mask(s) on another grid than their image, resampled onto it with nearest neighbour "
+                 "(config.data.mask_resample=True)",
+}
 
 
 def display_slice(volume: np.ndarray, axis: str | int, k: int) -> np.ndarray:
@@ -52,17 +70,30 @@ def display_slice(volume: np.ndarray, axis: str | int, k: int) -> np.ndarray:
     return np.ascontiguousarray(np.take(volume, k, axis=axis))
 
 
-def _grid(row: ManifestRow, path: str, data) -> np.ndarray:
+def is_colour(data) -> bool:
+    """Whether ``data`` is a 2D image whose colour channels differ (grey saved as RGB has equal ones)."""
+    array = data.array
+    if data.affine is not None or array.ndim != 3 or array.shape[-1] not in (3, 4):
+        return False
+    rgb = array[..., :3]
+    return not (np.array_equal(rgb[..., 0], rgb[..., 1]) and np.array_equal(rgb[..., 0], rgb[..., 2]))
+
+
+def _grid(row: ManifestRow, path: str, data, *, mask: bool = False) -> np.ndarray:
     """The array to slice: a volume (X, Y, Z), or a 2D image as one grey channel (rows, cols).
 
     Grey X-rays are often saved as RGB with three equal channels (taken as they are);
-    coloured images get the usual ITU-R 601 luma weights.
+    coloured images get the ITU-R 601 luma weights (the index says so once). A colour
+    mask is refused: the luma of label colours is not a label.
     """
     array = np.asarray(data.array, np.float32)
     if data.affine is None and array.ndim == 3 and array.shape[-1] in (3, 4):
-        rgb = array[..., :3]
-        same = np.array_equal(rgb[..., 0], rgb[..., 1]) and np.array_equal(rgb[..., 0], rgb[..., 2])
-        array = rgb[..., 0] if same else rgb @ np.asarray([0.299, 0.587, 0.114], np.float32)
+        colour = is_colour(data)
+        if colour and mask:
+            raise ManifestError(f"line {row.line}: mask {path} is a colour image (shape {array.shape}); save masks "
+                                "as one-channel label maps (0 = background, 1, 2, ... one value per class).",
+                                {"mask_colour": [row.line]})
+        array = array[..., :3] @ _LUMA if colour else array[..., 0]
     if array.ndim == 3 and data.affine is None or array.ndim not in (2, 3):
         raise ManifestError(f"line {row.line}: {path} has shape {array.shape}; slices and volumes need a 2D "
                             "image (rows, cols), an RGB image, or a single 3D volume (X, Y, Z).")
@@ -76,9 +107,18 @@ class _RowIndex:
 
     def __init__(self, rows: Sequence[ManifestRow], *, reader: Callable | None = None,
                  normalisation: dict | Callable | None = DEFAULT_NORMALISATION, label_columns: Sequence[str] = (),
-                 skip_bad: bool = False, cache_volumes: int = 4, target_spacing: Sequence[float] = ()):
+                 skip_bad: bool = False, cache_volumes: int = 4, target_spacing: Sequence[float] = (),
+                 mask_resample: bool = False, mask_values: Mapping | None = None, volume_index: int = -1):
         if cache_volumes < 1:
             raise ValueError(f"cache_volumes={cache_volumes} must be at least 1.")
+        if isinstance(volume_index, bool) or not isinstance(volume_index, (int, np.integer)) or volume_index < -1:
+            raise ValueError(f"volume_index={volume_index!r} must be -1 (refuse 4D files) or the volume to use "
+                             "(0 = the first).")
+        self.mask_resample, self.mask_values = bool(mask_resample), check_mask_values(mask_values)
+        self.volume_index = int(volume_index)
+        self._notes: dict[str, dict[str, None]] = {}  # kind -> files it concerned (see _NOTES)
+        self._said: set[str] = set()
+        self._building = True
         self.rows = tuple(rows)
         for col in label_columns if self.rows else ():
             self.rows[0].label(col)  # a KeyError naming the loaded columns now, rather than mid-epoch
@@ -117,18 +157,28 @@ class _RowIndex:
         """(normalised image, uint8 mask or None, transform) of a row; read errors name the line and file."""
         def read(path, what, **kwargs):
             try:
-                return self.reader(path, **kwargs)
+                data = self.reader(path, **kwargs)
+                if data.affine is not None and data.array.ndim == 4:  # every volume kept: none was picked
+                    raise four_d_refusal(path, data.array.shape)
+                return data
             except ImageReadError as err:
                 where = "" if path in str(err) else f"{path}: "
                 raise ImageReadError(f"line {row.line} (patient {row.patient_id!r}), {what}: {where}{err}") from err
 
-        data = self._resample(read(row.path, "path", series_uid=row.series_uid, expect_3d=self._expect_3d), 1)
+        picked = {"volume_index": self.volume_index} if self.volume_index >= 0 else {}
+        data = read(row.path, "path", series_uid=row.series_uid, expect_3d=self._expect_3d, **picked)
+        if "num_volumes" in data.meta:
+            self._note("volume", f"line {row.line}: {row.path} (volume {data.meta['volume_index']} of "
+                                 f"{data.meta['num_volumes']})")
+        data = self._resample(data, 1)
+        if is_colour(data):
+            self._note("colour", f"line {row.line}: {row.path}")
         image = _grid(row, row.path, data)
         mask = None
         if row.mask_path:
             # Nearest neighbour for masks, so labels stay labels.
             mdata = self._resample(read(row.mask_path, "mask_path", expect_3d=image.ndim == 3), 0)
-            mask = self._check_mask(row, data, image, mdata, _grid(row, row.mask_path, mdata))
+            mask = self._check_mask(row, data, image, mdata, _grid(row, row.mask_path, mdata, mask=True))
         image, transform = self._normalise(image)
         return image, mask, transform
 
@@ -138,23 +188,32 @@ class _RowIndex:
             return data
         return resample(data, self.target_spacing[: len(data.spacing)], order=order)
 
-    @staticmethod
-    def _check_mask(row, data, image, mdata, mask) -> np.ndarray:
-        """A mask must lie on its image's voxel grid and hold integer labels; anything else is misaligned."""
-        same_grid = image.shape == mask.shape and len(data.spacing) == len(mdata.spacing) and np.allclose(
-            data.spacing, mdata.spacing, rtol=0.0, atol=_SPACING_TOL)
-        if not same_grid:
-            mm = [", ".join(f"{s:.5g}" for s in d.spacing) for d in (mdata, data)]
-            raise ManifestError(
-                f"line {row.line}: mask {row.mask_path} (shape {mask.shape}, spacing ({mm[0]})) does "
-                f"not match image {row.path} (shape {image.shape}, spacing ({mm[1]})); resample the "
-                "mask onto the image grid with nearest-neighbour interpolation.", {"mask_mismatch": [row.line]})
-        if mask.size and (mask.min() < 0 or mask.max() > 255 or not np.array_equal(mask, np.round(mask))):
-            raise ManifestError(
-                f"line {row.line}: mask {row.mask_path} holds values other than integers 0..255 (range "
-                f"{mask.min():g}..{mask.max():g}); masks must be label maps, resampled with nearest neighbour.",
-                {"mask_values": [row.line]})
-        return mask.astype(np.uint8)
+    def _check_mask(self, row, data, image, mdata, mask) -> np.ndarray:
+        """The mask on its image's voxel grid as integer labels (``fit_mask``), resampling said once."""
+        fitted, resampled = fit_mask(row, data, image, mdata, mask, resample=self.mask_resample,
+                                     values=self.mask_values)
+        if resampled:
+            self._note("mask_grid", f"line {row.line}: mask {row.mask_path} {mask.shape} -> image {image.shape}")
+        return fitted
+
+    def _note(self, kind: str, detail: str) -> None:
+        """A file taken as configured rather than as it came (``_NOTES``): counted while the index is
+        built and said after it; met later (a file read for the first time), said at once, once per kind."""
+        seen = self._notes.setdefault(kind, {})
+        if detail in seen:
+            return
+        seen[detail] = None
+        if not self._building and kind not in self._said:
+            self._said.add(kind)
+            console.warn(f"{type(self).__name__}: {_NOTES[kind]}: {detail}; further ones are not listed.")
+
+    def _say_notes(self, name: str) -> None:
+        """One line per kind of file taken as configured: how many, and the first."""
+        self._building = False
+        for kind, seen in self._notes.items():
+            if kind not in self._said:
+                self._said.add(kind)
+                console.warn(f"{name}: {len(seen)} {_NOTES[kind]}; the first: {next(iter(seen))}.")
 
     def _build(self, name: str) -> None:
         """Read every row once; the subclass's `_register(k, row, image)` adds the row's records."""
@@ -180,6 +239,7 @@ class _RowIndex:
 
     def _report(self, name: str) -> None:
         """Anything skipped is said out loud, once, when the index is built."""
+        self._say_notes(name)
         if self.bad_rows:
             lines = "\n".join(f"  {reason}" for _, _, reason in self.bad_rows[:5])  # reasons name the line
             more = f"\n  ... and {len(self.bad_rows) - 5} more (see .bad_rows)" if len(self.bad_rows) > 5 else ""
@@ -240,13 +300,15 @@ class SliceIndex(_RowIndex):
     def __init__(self, rows: Sequence[ManifestRow], *, reader: Callable | None = None, axis: str | int = "axial",
                  skip_background: bool = True, background_fraction: float = 0.01,
                  normalisation: dict | Callable | None = DEFAULT_NORMALISATION, label_columns: Sequence[str] = (),
-                 cache_volumes: int = 4, skip_bad: bool = False, target_spacing: Sequence[float] = ()):
+                 cache_volumes: int = 4, skip_bad: bool = False, target_spacing: Sequence[float] = (),
+                 mask_resample: bool = False, mask_values: Mapping | None = None, volume_index: int = -1):
         if not (axis in AXES or (isinstance(axis, int) and -3 <= axis < 3)):
             raise ValueError(f"axis={axis!r} must be one of {', '.join(AXES)} or an array axis 0, 1, 2.")
         if not 0.0 <= background_fraction < 1.0:
             raise ValueError(f"background_fraction={background_fraction} must lie in [0, 1).")
         super().__init__(rows, reader=reader, normalisation=normalisation, label_columns=label_columns,
-                         skip_bad=skip_bad, cache_volumes=cache_volumes, target_spacing=target_spacing)
+                         skip_bad=skip_bad, cache_volumes=cache_volumes, target_spacing=target_spacing,
+                         mask_resample=mask_resample, mask_values=mask_values, volume_index=volume_index)
         self.axis, self.skip_background, self.background_fraction = axis, skip_background, background_fraction
         self._background_volumes = 0
         self._build("SliceIndex")
@@ -301,11 +363,13 @@ class VolumeIndex(_RowIndex):
     def __init__(self, rows: Sequence[ManifestRow], *, reader: Callable | None = None,
                  normalisation: dict | Callable | None = DEFAULT_NORMALISATION, label_columns: Sequence[str] = (),
                  crop_size: Sequence[int] | None = None, cache_volumes: int = 2, skip_bad: bool = False,
-                 target_spacing: Sequence[float] = ()):
+                 target_spacing: Sequence[float] = (), mask_resample: bool = False,
+                 mask_values: Mapping | None = None, volume_index: int = -1):
         if crop_size is not None and (len(crop_size) != 3 or min(crop_size) < 1):
             raise ValueError(f"crop_size={crop_size} must be three positive sizes (X, Y, Z) or None.")
         super().__init__(rows, reader=reader, normalisation=normalisation, label_columns=label_columns,
-                         skip_bad=skip_bad, cache_volumes=cache_volumes, target_spacing=target_spacing)
+                         skip_bad=skip_bad, cache_volumes=cache_volumes, target_spacing=target_spacing,
+                         mask_resample=mask_resample, mask_values=mask_values, volume_index=volume_index)
         self.crop_size = None if crop_size is None else tuple(int(c) for c in crop_size)
         self._build("VolumeIndex")
 
