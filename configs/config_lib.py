@@ -34,6 +34,9 @@ def data_config() -> ml_collections.ConfigDict:
     d.normalisation = '{"method": "percentile", "low": 0.5, "high": 99.5}'
     d.target_spacing = ()  # e.g. (1.0, 1.0, 3.0) mm: resample volumes (masks nearest) before slicing
     d.skip_bad = False  # True: skip unreadable rows (they are listed), False: stop at the first
+    d.volume_index = -1  # volume of a 4D file (fMRI/diffusion NIfTI, folder of Siemens mosaics) to use; -1 = refuse 4D
+    d.mask_resample = False  # True: a mask on another grid than its image is resampled onto it (nearest neighbour)
+    d.mask_values = ""  # JSON map of stored mask values to labels, e.g. '{"255": 1}'; empty = values as they are
     d.volumes_in_memory = 8  # decoded volumes kept in an LRU (shuffled slices revisit volumes)
     d.cache_dir = ""  # if set, normalised slices are cached there in ArrayRecord shards
     d.num_workers = 2

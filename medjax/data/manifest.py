@@ -188,13 +188,15 @@ def _split_and_fold(cell: dict, folds, require_split: bool) -> tuple[str, int | 
 
 def load_manifest(csv_path: str, *, label_columns: Sequence[str] = (), require_split: bool = True,
                   folds: Mapping[int, str] | None = None, ignore_columns: Sequence[str] = (),
-                  check_files: bool = True) -> Manifest:
+                  check_files: bool = True, masks: bool = True) -> Manifest:
     """Read and validate a manifest CSV; raise one `ManifestError` listing every problem found.
 
     `folds` maps the `fold` column to splits (see `fold_splits`). With
     `require_split=False` rows may have no split (pretraining on unlabeled data);
     a patient still may not span two named splits. `check_files=False` skips the
-    existence check (for a manifest prepared on another machine).
+    existence check (for a manifest prepared on another machine). `masks=False`
+    leaves the mask_path column out: its cells are neither checked nor kept (for
+    jobs that read images only, such as pretraining).
     """
     csv_path = os.path.abspath(os.path.expanduser(csv_path))
     if not os.path.isfile(csv_path):
@@ -216,7 +218,8 @@ def load_manifest(csv_path: str, *, label_columns: Sequence[str] = (), require_s
             issues["cells"].append((line, f"line {line}: {len(cells)} cells for {len(header)} columns"))
             continue
         cell = dict(zip(header, cells))
-        paths = {k: resolve(cell[k]) if cell.get(k) else None for k in ("path", "mask_path")}
+        paths = {k: resolve(cell[k]) if cell.get(k) and (masks or k == "path") else None
+                 for k in ("path", "mask_path")}
         for key, p in paths.items():
             n_paths += p is not None
             if check_files and p and not os.path.exists(p):

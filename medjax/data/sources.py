@@ -21,6 +21,7 @@ import numpy as np
 from medjax import sharding
 from medjax.data.cache import CachedRecords, cache_is_valid, write_cache
 from medjax.data.demo import DEMO_LAYOUT_VERSION, write_demo_dataset
+from medjax.data.label_maps import check_mask_values
 from medjax.data.manifest import load_manifest
 from medjax.data.slices import SliceIndex, VolumeIndex
 
@@ -80,8 +81,33 @@ def check_slice_cache(config) -> None:
                          "reads whole volumes, so leave config.data.cache_dir empty.")
 
 
-def split_rows(config, manifest_path: str, split: str, *, label_columns=(), extra_columns=()):
-    """``(normalisation dict, rows)`` of one split of a manifest: what slice and volume sources start from."""
+def index_options(config) -> dict:
+    """How ``SliceIndex``/``VolumeIndex`` take odd files, from ``config.data``: ``volume_index``,
+    ``mask_resample`` and the parsed ``mask_values``; a bad value ends in one sentence naming its key."""
+    d = config.data
+    if isinstance(d.volume_index, bool) or not isinstance(d.volume_index, int) or d.volume_index < -1:
+        raise ValueError(f"config.data.volume_index={d.volume_index!r} must be -1 (refuse 4D files) or the volume "
+                         "of each 4D file to use (0 = the first).")
+    if not isinstance(d.mask_resample, bool):
+        raise ValueError(f"config.data.mask_resample={d.mask_resample!r} must be True or False.")
+    example = "give a JSON object from stored mask values to labels, e.g. '{\"255\": 1}', or leave it empty"
+    try:
+        values = json.loads(d.mask_values) if d.mask_values.strip() else {}
+    except json.JSONDecodeError as e:
+        raise ValueError(f"config.data.mask_values is not valid JSON ({e.msg}): {d.mask_values!r}; {example}.") from None
+    if not isinstance(values, dict):
+        raise ValueError(f"config.data.mask_values={d.mask_values!r} is not a JSON object; {example}.")
+    try:
+        values = check_mask_values(values)
+    except ValueError as e:
+        raise ValueError(f"config.data.{e}") from None
+    return {"volume_index": d.volume_index, "mask_resample": d.mask_resample, "mask_values": values}
+
+
+def split_rows(config, manifest_path: str, split: str, *, label_columns=(), extra_columns=(), masks=True):
+    """``(normalisation dict, rows)`` of one split of a manifest: what slice and volume sources start from.
+
+    ``masks=False`` leaves the mask_path column out (neither checked nor read), for jobs that read images only."""
     d = config.data
     try:
         normalisation = json.loads(d.normalisation)
@@ -89,7 +115,7 @@ def split_rows(config, manifest_path: str, split: str, *, label_columns=(), extr
         raise ValueError(f"config.data.normalisation is not valid JSON ({e.msg}): {d.normalisation!r}.") from None
     ignore = tuple(c for c in d.extra_columns.split(",") if c) + tuple(extra_columns)
     manifest = load_manifest(manifest_path, label_columns=label_columns,
-                             ignore_columns=tuple(c for c in ignore if c not in label_columns))
+                             ignore_columns=tuple(c for c in ignore if c not in label_columns), masks=masks)
     rows = manifest.split(split)
     if not len(rows):
         raise ValueError(f"The manifest {manifest_path} has no rows in the {split!r} split; add some or fix "
@@ -97,20 +123,23 @@ def split_rows(config, manifest_path: str, split: str, *, label_columns=(), extr
     return normalisation, rows
 
 
-def slice_source(config, manifest_path: str, split: str, *, label_columns=(), extra_columns=(), say=None):
-    """The slices of one split of a manifest (through the slice cache when config.data.cache_dir is set)."""
+def slice_source(config, manifest_path: str, split: str, *, label_columns=(), extra_columns=(), say=None,
+                 masks=True):
+    """The slices of one split of a manifest (through the slice cache when config.data.cache_dir is set);
+    ``masks=False``: images only, the mask_path column is neither checked nor read."""
     d = config.data
+    options = index_options(config)
     normalisation, rows = split_rows(config, manifest_path, split, label_columns=label_columns,
-                                     extra_columns=extra_columns)
+                                     extra_columns=extra_columns, masks=masks)
     fingerprint = {"manifest": os.path.abspath(manifest_path), "mtime": os.path.getmtime(manifest_path),
                    "split": split, "axis": d.slice_axis, "normalisation": normalisation,
                    "skip_background": d.skip_background, "labels": list(label_columns),
-                   "target_spacing": list(d.target_spacing)}
+                   "target_spacing": list(d.target_spacing), "volume_index": d.volume_index}
     if d.cache_dir and cache_is_valid(d.cache_dir, fingerprint):
         return CachedRecords(d.cache_dir, fingerprint=fingerprint)
     index = SliceIndex(rows, axis=d.slice_axis, skip_background=d.skip_background, normalisation=normalisation,
                        label_columns=label_columns, skip_bad=d.skip_bad, target_spacing=tuple(d.target_spacing),
-                       cache_volumes=d.volumes_in_memory)
+                       cache_volumes=d.volumes_in_memory, **options)
     if say:
         say(f"{split} split: {len(rows)} series of {len(rows.patients())} patients -> {len(index)} slices"
             + (f" ({index.skipped['background_slices']} background slices skipped)"
@@ -134,10 +163,11 @@ def training_manifest(config, workdir: str, say=None) -> tuple[str, tuple[str, .
 
 def training_source(config, workdir: str, say=None):
     """The records to pretrain on: the training split of the manifest (or of the demo dataset's), as
-    slices, or as whole volumes when ``config.model.spatial_dims`` is 3."""
+    slices, or as whole volumes when ``config.model.spatial_dims`` is 3. Pretraining reads images only:
+    the mask_path column is neither checked nor read, so a missing or broken mask cannot stop it."""
     manifest, extra = training_manifest(config, workdir, say)
     source = volume_source if config.model.spatial_dims == 3 else slice_source
-    return source(config, manifest, "train", extra_columns=extra, say=say)
+    return source(config, manifest, "train", extra_columns=extra, say=say, masks=False)
 
 
 def axial_dhw(volume: np.ndarray) -> np.ndarray:
@@ -162,14 +192,16 @@ class AxialVolumes:
 
 
 def volume_source(config, manifest_path: str, split: str, *, label_columns=(), extra_columns=(),
-                  say=None) -> AxialVolumes:
+                  say=None, masks=True) -> AxialVolumes:
     """The volumes of one split of a manifest, resampled, normalised and in the (D, H, W) layout; with
-    ``label_columns`` each record carries their codes (``label``, then ``label_<column>``), as a slice's."""
+    ``label_columns`` each record carries their codes (``label``, then ``label_<column>``), as a slice's;
+    ``masks=False``: the mask_path column is neither checked nor read."""
     d = config.data
+    options = index_options(config)
     normalisation, rows = split_rows(config, manifest_path, split, label_columns=label_columns,
-                                     extra_columns=extra_columns)
+                                     extra_columns=extra_columns, masks=masks)
     index = VolumeIndex(rows, normalisation=normalisation, label_columns=label_columns, skip_bad=d.skip_bad,
-                        target_spacing=tuple(d.target_spacing), cache_volumes=d.volumes_in_memory)
+                        target_spacing=tuple(d.target_spacing), cache_volumes=d.volumes_in_memory, **options)
     if say:
         shapes = {tuple(int(n) for n in axial_dhw(index[0]["image"]).shape)} if len(index) else set()
         first = f"; first volume {'x'.join(map(str, next(iter(shapes))))} (D x H x W)" if shapes else ""

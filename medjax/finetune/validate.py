@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from medjax.data import fractions
+from medjax.data.sources import index_options
 
 INITS = ("checkpoint", "official", "random")
 OFFICIAL_KINDS = ("dinov2", "mae")
@@ -13,6 +14,7 @@ KEEP = ("best_val", "last")
 
 def validate(config) -> None:
     """One sentence naming the first bad value."""
+    index_options(config)  # config.data's volume_index, mask_resample, mask_values
     f = config.finetune
     if f.init not in INITS:
         raise ValueError(f"config.finetune.init={f.init!r} is not valid; choose one of {', '.join(INITS)}.")

@@ -29,10 +29,10 @@ def _validation_images(config, workdir: str, count: int) -> np.ndarray:
     """``count`` eval views spread over the validation split (the training split if there is none)."""
     manifest, extra = training_manifest(config, workdir)
     source_of = volume_source if config.model.spatial_dims == 3 else slice_source
-    try:
-        source = source_of(config, manifest, "val", extra_columns=extra)
+    try:  # images only, as pretraining: the mask column is not read
+        source = source_of(config, manifest, "val", extra_columns=extra, masks=False)
     except ValueError:  # a manifest without a val split
-        source = source_of(config, manifest, "train", extra_columns=extra)
+        source = source_of(config, manifest, "train", extra_columns=extra, masks=False)
     transform = view_transform(config)
     picks = np.linspace(0, len(source) - 1, min(count, len(source))).round().astype(int)
     return np.stack([transform.eval(source[int(i)]["image"]) for i in picks])

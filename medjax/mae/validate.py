@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from medjax import sharding
-from medjax.data.sources import check_slice_cache
+from medjax.data.sources import check_slice_cache, index_options
 from medjax.distributed import check_distributed_config
 from medjax.models.vit import MODELS
 from medjax.probe import validate_evals
@@ -73,5 +73,6 @@ def validate(c) -> None:
         raise ValueError(f"config.optim.warmup_epochs={c.optim.warmup_epochs} is longer than config.optim.epochs="
                          f"{c.optim.epochs}; shorten the warm-up.")
     check_slice_cache(c)
+    index_options(c)  # config.data's volume_index, mask_resample, mask_values
     sharding.check_mesh_config(c.mesh)
     check_distributed_config(c.distributed)

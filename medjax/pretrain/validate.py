@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from medjax import sharding
-from medjax.data.sources import check_slice_cache
+from medjax.data.sources import check_slice_cache, index_options
 from medjax.distributed import check_distributed_config
 from medjax.probe import validate_evals
 
@@ -73,6 +73,7 @@ def validate(c) -> None:
     if c.model.spatial_dims not in (2, 3):
         raise ValueError(f"config.model.spatial_dims={c.model.spatial_dims!r} must be 2 (slices) or 3 (volumes).")
     check_slice_cache(c)
+    index_options(c)  # config.data's volume_index, mask_resample, mask_values
     sharding.check_mesh_config(c.mesh)
     check_distributed_config(c.distributed)
     if c.model.embed_dim is not None and c.model.num_heads is not None and c.model.embed_dim % c.model.num_heads:

@@ -4,6 +4,7 @@ inside a pretraining run): one sentence naming the first bad value."""
 from __future__ import annotations
 
 from medjax.data.fractions import validate_fractions
+from medjax.data.sources import index_options
 
 SELECTIONS = {False: ("accuracy", "balanced_accuracy"), True: ("mean_auc",)}  # by multilabel
 FEATURE_MODES = ("precomputed", "augmented")
@@ -11,6 +12,7 @@ FEATURE_MODES = ("precomputed", "augmented")
 
 def validate(config) -> None:
     """One sentence naming the first bad value."""
+    index_options(config)  # config.data's volume_index, mask_resample, mask_values
     p = config.probe
     if not p.checkpoint_dir:
         raise ValueError("config.probe.checkpoint_dir is empty; set it to the --workdir of a pretraining run "

@@ -6,9 +6,10 @@ prediction, and its mask on the slice's own grid with the pixel spacing in mm,
 for the metrics. Predictions are upsampled back to that grid before any Dice or
 HD95 is computed, so the figures are those of the scan, not of a resized copy.
 
-A mask whose grid differs from its image (shape or spacing) or that holds
-non-integer values is refused by the slice index (``medjax.data.slices``);
-here, a label value that ``config.segment.class_names`` does not name, a row
+A mask whose grid differs from its image (shape or spacing) is resampled onto
+it with nearest neighbour when ``config.data.mask_resample`` is set and refused
+otherwise, and mask values are mapped by ``config.data.mask_values``, both by the
+slice index (``medjax.data.slices``); here, a label value that ``config.segment.class_names`` does not name, a row
 without a mask and a class no training mask contains are refused, each in one
 sentence. An empty mask is valid: the scan does not show the structure, and
 the metrics apply their stated empty rule to it.
@@ -143,7 +144,17 @@ def check_label_values(mask: np.ndarray, names, row, source: str) -> None:
         named = ", ".join(f"{i} {n}" for i, n in enumerate(names))
         raise ValueError(f"The mask {row.mask_path} of {source} (patient {row.patient_id}) holds label value(s) "
                          f"{', '.join(map(str, bad))} that config.segment.class_names does not name (it names "
-                         f"{named}); add names for them or remap the mask.")
+                         f"{named}); add names for them or map them to named labels with config.data.mask_values "
+                         "(JSON, e.g. '{\"255\": 1}').")
+
+
+def native_grid(config, row, expect_3d=None):
+    """The file whose grid a row's masks are on for the metrics: the mask file (the index has checked it lies
+    on the image's grid), or the image itself when ``config.data.mask_resample`` may have moved the mask."""
+    if not config.data.mask_resample:
+        return read_image(row.mask_path, expect_3d=expect_3d)
+    picked = {"volume_index": config.data.volume_index} if config.data.volume_index >= 0 else {}
+    return read_image(row.path, series_uid=row.series_uid, expect_3d=expect_3d, **picked)
 
 
 def describe(config, src: ManifestSource, train_masks, unit: str, assumed) -> dict:
@@ -227,16 +238,14 @@ def _load_split(config, manifest, split, label_columns, extra, row_of, names, si
 
 
 def _slice_spacing(config, row, assumed: set):
-    """The (row, col) and between-slice spacing of a row's slices, in mm (target spacing if resampled).
-
-    Read from the mask file, which the slice index has already checked lies on the image's grid.
-    """
-    data = read_image(row.mask_path)
+    """The (row, col) and between-slice spacing of a row's slices, in mm (target spacing if resampled),
+    read from the file whose grid the masks are on (``native_grid``)."""
+    data = native_grid(config, row)
     spacing = data.spacing
     if config.data.target_spacing:
         spacing = tuple(config.data.target_spacing)[: len(spacing)]
     elif data.meta.get("spacing_source") == "assumed":  # PNG/JPEG, or DICOM without a pixel spacing
-        assumed.add(row.mask_path)
+        assumed.add(data.meta.get("source") or row.mask_path)
         if config.segment.assumed_spacing_mm:
             spacing = tuple(config.segment.assumed_spacing_mm)
     return display_spacing(spacing, config.data.slice_axis)

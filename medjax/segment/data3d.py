@@ -33,9 +33,10 @@ from scipy import ndimage
 
 from medjax import console
 from medjax.readers import read_image
+from medjax.data.label_maps import fit_mask
 from medjax.data.slices import VolumeIndex
-from medjax.data.sources import axial_dhw
-from medjax.segment.data import SPLITS, check_label_values, describe, read_manifest
+from medjax.data.sources import axial_dhw, index_options
+from medjax.segment.data import SPLITS, check_label_values, describe, native_grid, read_manifest
 
 _RAS_OF_DHW = (2, 1, 0)  # D runs along z, H along y, W along x
 _FLIPPED = (False, True, True)  # axial_dhw reverses x and y
@@ -111,6 +112,7 @@ def load_volumes(config, workdir: str, run_dir: str, run_data, *, patch: int, me
     names = tuple(s.class_names)
     target = tuple(float(t) for t in run_data.target_spacing)
     normalisation = json.loads(run_data.normalisation)
+    options = index_options(config)
     loaded, assumed = {}, set()
     for split in SPLITS:
         rows = src.rows.split(split)
@@ -119,8 +121,9 @@ def load_volumes(config, workdir: str, run_dir: str, run_data, *, patch: int, me
                              "test patients.")
         # Every volume stays in the index's cache: each is read once.
         index = VolumeIndex(rows, normalisation=normalisation, label_columns=src.label_columns,
-                            skip_bad=config.data.skip_bad, target_spacing=target, cache_volumes=len(rows))
-        loaded[split] = [_one_volume(index[i], src, names, target, assumed) for i in range(len(index))]
+                            skip_bad=config.data.skip_bad, target_spacing=target, cache_volumes=len(rows),
+                            **options)
+        loaded[split] = [_one_volume(config, index[i], src, names, target, assumed) for i in range(len(index))]
     shape = input_shape([v["image"].shape for vs in loaded.values() for v in vs], patch, s.volume_shape)
     splits = {split: _stack(vols, shape, mean, std, src) for split, vols in loaded.items()}
     info = describe(config, src, splits["train"].masks, "voxels" if assumed else "mm", assumed)
@@ -129,12 +132,18 @@ def load_volumes(config, workdir: str, run_dir: str, run_data, *, patch: int, me
     return splits, info
 
 
-def _one_volume(record: dict, src, names, target, assumed: set) -> dict:
+def _one_volume(config, record: dict, src, names, target, assumed: set) -> dict:
+    """One volume with its mask on the native grid: the mask file's, or the image's when the mask may have
+    been resampled onto it (``config.data.mask_resample``), its values mapped as the index mapped them."""
     row = src.row_of[record["source"]]
-    data = read_image(row.mask_path, expect_3d=True)
+    options = index_options(config)
+    data = native_grid(config, row, expect_3d=True)
     if data.meta.get("spacing_source") == "assumed":
-        assumed.add(row.mask_path)
-    native = axial_dhw(np.rint(data.array)).astype(np.uint8)  # integer labels: checked by the index
+        assumed.add(data.meta.get("source") or row.mask_path)
+    mdata = data if not options["mask_resample"] else read_image(row.mask_path, expect_3d=True)
+    labels, _ = fit_mask(row, data, data.array, mdata, mdata.array, resample=options["mask_resample"],
+                         values=options["mask_values"])
+    native = axial_dhw(labels)
     check_label_values(native, names, row, record["source"])
     image, mask = axial_dhw(record["image"]), axial_dhw(record["mask"])
     spacing = tuple(float(data.spacing[k]) for k in _RAS_OF_DHW)
