@@ -47,7 +47,7 @@ def _mask_onto_image(data, shape: tuple, mdata, mask: np.ndarray) -> np.ndarray:
     if data.affine is not None and mdata.affine is not None:
         image_to_mask = np.linalg.inv(mdata.affine) @ data.affine
         return ndimage.affine_transform(mask, image_to_mask[:3, :3], image_to_mask[:3, 3], output_shape=shape,
-                                        order=0, mode="constant", cval=0.0)
+                                        order=0, mode="grid-constant", cval=0.0)  # a voxel spans +-0.5
     index = [np.minimum(((np.arange(n) + 0.5) * (m / n)).astype(np.int64), m - 1) for n, m in zip(shape, mask.shape)]
     return mask[np.ix_(*index)]
 

@@ -33,6 +33,7 @@ Each of these is said once per index, with how many files it concerned.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -170,15 +171,19 @@ class _RowIndex:
         if "num_volumes" in data.meta:
             self._note("volume", f"line {row.line}: {row.path} (volume {data.meta['volume_index']} of "
                                  f"{data.meta['num_volumes']})")
-        data = self._resample(data, 1)
         if is_colour(data):
             self._note("colour", f"line {row.line}: {row.path}")
-        image = _grid(row, row.path, data)
         mask = None
         if row.mask_path:
-            # Nearest neighbour for masks, so labels stay labels.
-            mdata = self._resample(read(row.mask_path, "mask_path", expect_3d=image.ndim == 3), 0)
-            mask = self._check_mask(row, data, image, mdata, _grid(row, row.mask_path, mdata, mask=True))
+            # Checked (or resampled) against the image's own grid, then moved with the image's geometry:
+            # mask and image go through one target resampling, the mask with nearest neighbour.
+            mdata = read(row.mask_path, "mask_path", expect_3d=data.is_volume)
+            labels = self._check_mask(row, data, _grid(row, row.path, data), mdata,
+                                      _grid(row, row.mask_path, mdata, mask=True))
+            on_grid = dataclasses.replace(data, array=labels.astype(np.float32))
+            mask = self._resample(on_grid, 0).array.astype(np.uint8)
+        data = self._resample(data, 1)
+        image = _grid(row, row.path, data)
         image, transform = self._normalise(image)
         return image, mask, transform
 
