@@ -1,4 +1,5 @@
-"""Medical image files in: DICOM series and files (``dicom``), NIfTI (``nifti``), PNG / JPEG (``raster``).
+"""Medical image files in: DICOM series and files (``dicom``, Siemens mosaics: ``mosaic``), NIfTI (``nifti``),
+PNG / JPEG (``raster``).
 
 ``read_image`` picks the reader by what the path is. Every reader returns an
 :class:`~medjax.readers.image_data.ImageData` in physical units and RAS+ orientation (re-exported here
