@@ -27,7 +27,7 @@ def data_config() -> ml_collections.ConfigDict:
     d.manifest = ""  # CSV manifest of the user's scans; empty = the built-in demo dataset
     d.extra_columns = ""  # comma-separated manifest columns to accept besides the known ones
     d.slice_axis = "axial"  # axial | coronal | sagittal: 2D slices cut from each volume
-    d.skip_background = True
+    d.skip_background = True  # True: slices that are almost all background are left out of the index
     # Intensity normalisation per volume, JSON: {"method": "percentile", "low": .., "high": ..} (MRI,
     # X-ray) or {"method": "ct_window", "preset": "soft_tissue"} / {"method": "ct_window", "level": 40,
     # "width": 400} (CT); see medjax.data.intensity.
@@ -39,11 +39,11 @@ def data_config() -> ml_collections.ConfigDict:
     d.mask_values = ""  # JSON map of stored mask values to labels, e.g. '{"255": 1}'; empty = values as they are
     d.volumes_in_memory = 8  # decoded volumes kept in an LRU (shuffled slices revisit volumes)
     d.cache_dir = ""  # if set, normalised slices are cached there in ArrayRecord shards
-    d.num_workers = 2
+    d.num_workers = 2  # Grain worker processes preparing batches; 0 = in the main process
     d.demo_dir = ""  # where the demo dataset is written; empty = WORKDIR/demo_data
-    d.demo_patients = 60
-    d.demo_slices = 16
-    d.demo_image_size = 256
+    d.demo_patients = 60  # built-in demo dataset: number of synthetic patients
+    d.demo_slices = 16  # built-in demo dataset: axial slices per series
+    d.demo_image_size = 256  # built-in demo dataset: rows and columns of each slice
     return d
 
 
@@ -68,14 +68,14 @@ def evals_config() -> ml_collections.ConfigDict:
     e = ml_collections.ConfigDict()
     e.every = 0  # steps between evaluations of the backbone; 0 = none during the run
     e.final = False  # at the last step: pretrained vs random init, eval/results.md, printed table
-    e.knn = True
-    e.linear_probe = True
+    e.knn = True  # score the backbone by kNN on its CLS token
+    e.linear_probe = True  # score the backbone by the 52 linear heads
     e.manifest = ""  # labelled CSV manifest; empty = config.data.manifest (or the demo dataset)
     e.label_column = ""  # empty with the demo = lesion class shown on the slice
     e.selection = "accuracy"  # accuracy | balanced_accuracy | mean_auc: best head on val
-    e.knn_k = (10, 20, 100, 200)
+    e.knn_k = (10, 20, 100, 200)  # neighbour counts of the kNN evaluation
     e.probe_epochs = 10  # passes over the training slices per linear-probe fit
-    e.batch_size = 128
+    e.batch_size = 128  # images per batch of the evaluation (features and linear heads)
     # Other pretraining runs (--workdirs, comma-separated) put beside this one in the final table when they
     # exist and read the same inputs, e.g. a DINOv2 run beside an MAE run; others are named and left out.
     e.compare_runs = ""
@@ -95,7 +95,7 @@ def distributed_config() -> ml_collections.ConfigDict:
     everything is detected; elsewhere give process 0's host:port and each process's id."""
     d = ml_collections.ConfigDict()
     d.coordinator_address = ""  # host:port of process 0; "" = SLURM or a single process
-    d.num_processes = 1
-    d.process_id = 0
+    d.num_processes = 1  # processes (hosts) taking part; ignored under SLURM
+    d.process_id = 0  # this process's rank among num_processes; ignored under SLURM
     d.initialization_timeout = 300  # seconds to wait for the coordinator and the other processes
     return d

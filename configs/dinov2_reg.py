@@ -31,104 +31,107 @@ def get_config(variant: str = "", *, registers: int = 4, ibot: bool = True, kole
 def recipe(*, registers: int, ibot: bool = True, koleo: bool = True) -> ml_collections.ConfigDict:
     """The full-size recipe: ViT-S/14, 2x224 + 8x96 crops, DINO + iBOT + KoLeo."""
     c = ml_collections.ConfigDict()
-    c.mode = "pretrain"
-    c.seed = 0
+    c.mode = "pretrain"  # the job: DINOv2 pretraining (medjax/pretrain)
+    c.seed = 0  # seeds the initial weights, the data order, the augmentations and the masks
+    # True: resume a run although training settings (lr, schedule, batch, data, ...) changed since its
+    # checkpoint, with a warning naming each; False: such a resume is refused.
+    c.allow_config_change = False
 
     c.model = ml_collections.ConfigDict()
     c.model.arch = "vit_small"  # vit_tiny | vit_small | vit_base | vit_large | vit_giant2
     # Explicit sizes override the arch's; None keeps the arch's value.
-    c.model.embed_dim = config_dict.placeholder(int)
-    c.model.depth = config_dict.placeholder(int)
-    c.model.num_heads = config_dict.placeholder(int)
-    c.model.patch_size = 14
+    c.model.embed_dim = config_dict.placeholder(int)  # token width; None = the arch's
+    c.model.depth = config_dict.placeholder(int)  # transformer blocks; None = the arch's
+    c.model.num_heads = config_dict.placeholder(int)  # attention heads per block; None = the arch's
+    c.model.patch_size = 14  # side of the square patch each token covers, in pixels
     c.model.in_chans = 1  # grayscale slices; 3 for RGB-initialised weights
-    c.model.num_register_tokens = registers
-    c.model.ffn_layer = "mlp"
-    c.model.layerscale = 1e-5
-    c.model.drop_path_rate = 0.3
-    c.model.drop_path_uniform = True
+    c.model.num_register_tokens = registers  # register tokens beside the CLS token (0 = none)
+    c.model.ffn_layer = "mlp"  # block MLP: mlp | swiglu (ViT-g)
+    c.model.layerscale = 1e-5  # LayerScale initial value; 0 = no LayerScale
+    c.model.drop_path_rate = 0.3  # stochastic depth: probability a block's residual branch is dropped
+    c.model.drop_path_uniform = True  # True: the same drop-path rate in every block; False: rising with depth
     # Register models were released with antialiased interpolation and no offset.
     c.model.interpolate_antialias = registers > 0
-    c.model.interpolate_offset = 0.0 if registers > 0 else 0.1
+    c.model.interpolate_offset = 0.0 if registers > 0 else 0.1  # offset added before resizing the position table
     c.model.dtype = "float32"  # compute dtype: float32 | bfloat16 (params stay float32)
-    c.model.remat = False
+    c.model.remat = False  # recompute block activations in the backward pass (less memory, more time)
     # Official DINOv2 backbone weights (.pth/.npz/.safetensors) to start student and teacher from
     # (continued pretraining); the model settings above must match their architecture. "" = random init.
     c.model.init_weights = ""
     c.model.spatial_dims = 2  # 2: slices; 3: volumes (cubic patches and crops; configs/dinov2_reg_3d.py)
 
     c.head = ml_collections.ConfigDict()
-    c.head.n_prototypes = 65536
-    c.head.hidden_dim = 2048
-    c.head.bottleneck_dim = 256
-    c.head.nlayers = 3
-    c.head.ibot_separate_head = False
+    c.head.n_prototypes = 65536  # DINO head's output classes (prototypes)
+    c.head.hidden_dim = 2048  # width of the projection head's hidden layers
+    c.head.bottleneck_dim = 256  # width of the head's bottleneck before the prototypes
+    c.head.nlayers = 3  # layers of the projection head's MLP
+    c.head.ibot_separate_head = False  # True: iBOT gets its own head; False: it shares the DINO head
     c.head.ibot_n_prototypes = 65536  # used only with a separate iBOT head
 
     c.loss = ml_collections.ConfigDict()
-    c.loss.dino_weight = 1.0
-    c.loss.ibot_weight = 1.0 if ibot else 0.0
-    c.loss.koleo_weight = 0.1 if koleo else 0.0
+    c.loss.dino_weight = 1.0  # weight of the DINO (CLS token) loss
+    c.loss.ibot_weight = 1.0 if ibot else 0.0  # weight of the iBOT (masked patch) loss; 0 = off
+    c.loss.koleo_weight = 0.1 if koleo else 0.0  # weight of the KoLeo spreading regulariser; 0 = off
     c.loss.centering = "softmax"  # softmax (EMA centre) | sinkhorn_knopp
-    c.loss.student_temp = 0.1
-    c.loss.center_momentum = 0.9
-    c.loss.mask_probability = 0.5 if ibot else 0.0
-    c.loss.mask_ratio_min = 0.1
-    c.loss.mask_ratio_max = 0.5
+    c.loss.student_temp = 0.1  # softmax temperature of the student's outputs
+    c.loss.center_momentum = 0.9  # EMA momentum of the teacher's softmax centre
+    c.loss.mask_probability = 0.5 if ibot else 0.0  # share of global crops whose patches iBOT masks
+    c.loss.mask_ratio_min = 0.1  # smallest share of patches masked in a masked crop
+    c.loss.mask_ratio_max = 0.5  # largest share of patches masked in a masked crop
 
     c.teacher = ml_collections.ConfigDict()
-    c.teacher.momentum_teacher = 0.992
-    c.teacher.final_momentum_teacher = 1.0
-    c.teacher.warmup_teacher_temp = 0.04
-    c.teacher.teacher_temp = 0.07
-    c.teacher.warmup_teacher_temp_epochs = 30
+    c.teacher.momentum_teacher = 0.992  # teacher EMA momentum at the start (cosine to final_momentum_teacher)
+    c.teacher.final_momentum_teacher = 1.0  # teacher EMA momentum at the end of the run
+    c.teacher.warmup_teacher_temp = 0.04  # teacher temperature at the start of its warm-up
+    c.teacher.teacher_temp = 0.07  # teacher temperature after the warm-up
+    c.teacher.warmup_teacher_temp_epochs = 30  # epochs of the teacher temperature's linear warm-up
 
     c.optim = ml_collections.ConfigDict()
-    c.optim.epochs = 100
+    c.optim.epochs = 100  # length of the run in epochs of train.epoch_length steps
     c.optim.base_lr = 0.004  # at global batch 1024, scaled by scaling_rule
-    c.optim.scaling_rule = "sqrt_wrt_1024"
-    c.optim.min_lr = 1e-6
-    c.optim.warmup_epochs = 10
-    c.optim.weight_decay = 0.04
-    c.optim.weight_decay_end = 0.4
-    c.optim.clip_grad = 3.0
-    c.optim.freeze_last_layer_epochs = 1
-    c.optim.layerwise_decay = 0.9
-    c.optim.patch_embed_lr_mult = 0.2
-    c.optim.adamw_beta1 = 0.9
-    c.optim.adamw_beta2 = 0.999
+    c.optim.scaling_rule = "sqrt_wrt_1024"  # how the lr scales with the global batch: sqrt_wrt_1024 | linear_wrt_256 | none
+    c.optim.min_lr = 1e-6  # learning rate at the end of the cosine decay
+    c.optim.warmup_epochs = 10  # epochs of the learning rate's linear warm-up
+    c.optim.weight_decay = 0.04  # weight decay at the start (cosine to weight_decay_end)
+    c.optim.weight_decay_end = 0.4  # weight decay at the end of the run
+    c.optim.clip_grad = 3.0  # gradient norm clipped per module to this value
+    c.optim.freeze_last_layer_epochs = 1  # epochs during which the heads' last layer is not updated
+    c.optim.layerwise_decay = 0.9  # lr multiplier decay per block from the top (1 = none)
+    c.optim.patch_embed_lr_mult = 0.2  # lr multiplier of the patch embedding
+    c.optim.adamw_beta1 = 0.9  # AdamW first-moment decay
+    c.optim.adamw_beta2 = 0.999  # AdamW second-moment decay
 
     c.crops = ml_collections.ConfigDict()
-    c.crops.global_size = 224
-    c.crops.local_size = 96
-    c.crops.n_global = 2
-    c.crops.n_local = 8
-    c.crops.global_scale = (0.32, 1.0)
-    c.crops.local_scale = (0.05, 0.32)
-    c.crops.ratio = (3.0 / 4.0, 4.0 / 3.0)
+    c.crops.global_size = 224  # side of the global crops (the model's input size)
+    c.crops.local_size = 96  # side of the local crops
+    c.crops.n_global = 2  # global crops per image
+    c.crops.n_local = 8  # local crops per image
+    c.crops.global_scale = (0.32, 1.0)  # area range of a global crop, as a fraction of the image
+    c.crops.local_scale = (0.05, 0.32)  # area range of a local crop, as a fraction of the image
+    c.crops.ratio = (3.0 / 4.0, 4.0 / 3.0)  # aspect-ratio range of the random resized crops
     # Intensity augmentations for grayscale scans (no RGB colour jitter or solarize);
     # see medjax.data.augment.MultiCropConfig for what each does.
-    c.crops.flip_p = 0.5
-    c.crops.intensity_p = 0.8
-    c.crops.brightness = 0.4
-    c.crops.contrast = 0.4
-    c.crops.gamma_p = 0.3
-    c.crops.gamma_range = (0.7, 1.5)
+    c.crops.flip_p = 0.5  # probability of a left-right flip
+    c.crops.intensity_p = 0.8  # probability of the brightness/contrast jitter
+    c.crops.brightness = 0.4  # brightness jitter strength
+    c.crops.contrast = 0.4  # contrast jitter strength
+    c.crops.gamma_p = 0.3  # probability of a gamma change
+    c.crops.gamma_range = (0.7, 1.5)  # range of the random gamma
     c.crops.global_blur_p = (1.0, 0.1)  # the reference's intended values (its code inverts them)
-    c.crops.local_blur_p = 0.5
-    c.crops.blur_sigma = (0.1, 2.0)
-    c.crops.noise_p = 0.2
-    c.crops.noise_std = (0.005, 0.05)
-    c.crops.mean = (0.449,)
-    c.crops.std = (0.226,)
+    c.crops.local_blur_p = 0.5  # probability of a Gaussian blur of a local crop
+    c.crops.blur_sigma = (0.1, 2.0)  # range of the blur's sigma, in pixels
+    c.crops.noise_p = 0.2  # probability of additive Gaussian noise
+    c.crops.noise_std = (0.005, 0.05)  # range of the noise's standard deviation
+    c.crops.mean = (0.449,)  # per-channel mean subtracted from the normalised images
+    c.crops.std = (0.226,)  # per-channel standard deviation the images are divided by
 
     c.train = ml_collections.ConfigDict()
-    c.train.batch_size_per_device = 64
+    c.train.batch_size_per_device = 64  # images per device per step (global batch = this x devices)
     c.train.epoch_length = 1250  # iterations per "epoch", as the official OFFICIAL_EPOCH_LENGTH
-    c.train.log_every = 20
-    c.train.checkpoint_every = 1250
-    c.train.keep_checkpoints = 3
-    c.train.plot_every = 1250
+    c.train.log_every = 20  # steps between metric lines (metrics.jsonl, TensorBoard, progress)
+    c.train.checkpoint_every = 1250  # steps between checkpoints
+    c.train.keep_checkpoints = 3  # checkpoints kept on disk (the oldest are deleted)
+    c.train.plot_every = 1250  # steps between redraws of training_overview.png
     c.train.stop_at_step = -1  # >= 0: stop (and checkpoint) there; schedules still span the whole run
 
     c.data = config_lib.data_config()
@@ -175,7 +178,8 @@ def apply_variant(c: ml_collections.ConfigDict, variant: str) -> ml_collections.
         c.train.checkpoint_every = 60
         c.train.plot_every = 60
     elif variant == "smoke":
-        _scale_down(c, embed=32, depth=2, heads=2, global_size=28, local_size=14, n_local=2,
+        # 4 blocks: the linear probe's heads read the last 4 blocks, so a smoke run can be probed.
+        _scale_down(c, embed=32, depth=4, heads=2, global_size=28, local_size=14, n_local=2,
                     prototypes=64, hidden=64, bottleneck=32, batch=4, epochs=3, epoch_length=2)
         c.model.patch_size = 7
         c.data.demo_patients = 4

@@ -28,8 +28,8 @@ VARIANTS = ("", "demo", "smoke", "demo3d", "smoke3d", "mae")
 def get_config(variant: str = ""):
     variant = config_lib.check_variant(variant, VARIANTS, "configs/finetune.py")
     c = ml_collections.ConfigDict()
-    c.mode = "finetune"
-    c.seed = 0
+    c.mode = "finetune"  # the job: classification fine-tuning (medjax/finetune)
+    c.seed = 0  # seeds the heads' initialisation, the data order and the augmentations
 
     f = c.finetune = ml_collections.ConfigDict()
     f.init = "checkpoint"  # checkpoint | official | random
@@ -49,32 +49,32 @@ def get_config(variant: str = ""):
     f.freeze_blocks = 0
     # Optimiser: AdamW, lr = base_lr * batch_size / 256, linear warm-up then cosine to min_lr.
     f.epochs = 30  # passes over the full training split; every label fraction gets the same number of steps
-    f.batch_size = 64
-    f.base_lr = 5e-4
-    f.min_lr = 1e-6
-    f.warmup_epochs = 3
-    f.weight_decay = 0.05
+    f.batch_size = 64  # images (volumes in 3D) per step
+    f.base_lr = 5e-4  # lr at batch 256 (scaled linearly with batch_size)
+    f.min_lr = 1e-6  # lr at the end of the cosine decay
+    f.warmup_epochs = 3  # passes of the linear lr warm-up
+    f.weight_decay = 0.05  # AdamW weight decay (none on biases and norms)
     f.layerwise_decay = 0.75  # lr multiplier decay ** (depth + 1 - layer); 1 = none
-    f.patch_embed_lr_mult = 1.0
+    f.patch_embed_lr_mult = 1.0  # lr multiplier of the patch embedding
     f.clip_grad = 3.0  # global gradient norm; 0 = no clipping
-    f.adamw_beta1 = 0.9
-    f.adamw_beta2 = 0.999
+    f.adamw_beta1 = 0.9  # AdamW first-moment decay
+    f.adamw_beta2 = 0.999  # AdamW second-moment decay
     f.drop_path_rate = 0.1  # rising linearly over the blocks to this value
     f.class_weighted = True  # cross-entropy weighted by inverse class frequency in the training subset
     # The head's input: cls_patch (the last block's normed CLS + mean patch token) | avg (MAE: the mean
     # pre-norm patch token through a LayerNorm of its own).
     f.pooling = "cls_patch"
-    f.label_smoothing = 0.0
+    f.label_smoothing = 0.0  # cross-entropy label smoothing (0.1 in MAE's recipe)
     f.mixup = 0.0  # Beta alpha of Mixup (0.8 in MAE's recipe); 0 = off
     f.cutmix = 0.0  # Beta alpha of CutMix (1.0 in MAE's recipe); 0 = off; both on: one of them per batch
     # Train transform: random resized crop (3D: box, scale = fraction of the voxels) + left-right flip;
     # eval: the whole slice (volume) resized.
     f.train_scale = (0.08, 1.0)
-    f.train_ratio = (3.0 / 4.0, 4.0 / 3.0)
-    f.flip_p = 0.5
+    f.train_ratio = (3.0 / 4.0, 4.0 / 3.0)  # aspect-ratio range of the random resized crop
+    f.flip_p = 0.5  # probability of a left-right flip
     f.eval_every = 0  # steps between val evaluations; 0 = once per pass over the full training split
     f.keep = "best_val"  # best_val (best mean val balanced accuracy over targets) | last
-    f.eval_batch = 128
+    f.eval_batch = 128  # images (volumes) per batch when evaluating
 
     # The model built by init=random (otherwise only its spatial_dims is read) and the data section,
     # as in pretraining.

@@ -21,8 +21,8 @@ VARIANTS = ("", "demo", "smoke")
 def get_config(variant: str = ""):
     variant = config_lib.check_variant(variant, VARIANTS, "configs/linear_probe.py")
     c = ml_collections.ConfigDict()
-    c.mode = "linear_probe"
-    c.seed = 0
+    c.mode = "linear_probe"  # the job: linear probe and kNN of a pretraining run (medjax/probe)
+    c.seed = 0  # seeds the heads' initialisation, the data order and the few-label draws
 
     c.probe = ml_collections.ConfigDict()
     # Required: the --workdir of a pretraining run (holds checkpoints/), or several separated by commas to
@@ -33,7 +33,7 @@ def get_config(variant: str = ""):
     c.probe.label_column = ""  # required with a manifest; with the demo, empty = lesion shown on the slice
     # The reference: batch 128, 10 "epochs" of 1250 iterations, val every 1250 iterations.
     c.probe.batch_size = 128
-    c.probe.epochs = 10
+    c.probe.epochs = 10  # epochs of epoch_length iterations each head trains
     c.probe.epoch_length = 1250  # iterations per epoch; 0 = one pass over the training slices
     c.probe.eval_every = 1250  # iterations between val evaluations; 0 = once per epoch
     # label_column: several comma-separated 0/1 columns = a multi-label task
@@ -42,7 +42,7 @@ def get_config(variant: str = ""):
     # Few labels: also train on these fractions of the training patients (whole patients, stratified),
     # once per seed; () = only the full training set.
     c.probe.label_fractions = (0.01, 0.1, 0.25, 0.5, 1.0)
-    c.probe.fraction_seeds = 3
+    c.probe.fraction_seeds = 3  # patient draws (and probe runs) per label fraction below 1
     c.probe.random_baseline = True  # also probe a randomly initialised backbone
     c.probe.knn_k = (10, 20, 100, 200)  # kNN on the CLS token (DINOv2's, T = 0.07) with these k; () = none
     c.probe.feature_batch = 64  # images per backbone call while precomputing features

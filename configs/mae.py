@@ -32,65 +32,68 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
 def recipe() -> ml_collections.ConfigDict:
     """ViT-B/16 at 224 px, decoder 512 x 8 blocks x 16 heads, mask 0.75, normalised-pixel loss."""
     c = ml_collections.ConfigDict()
-    c.mode = "mae"
-    c.seed = 0
+    c.mode = "mae"  # the job: MAE pretraining (medjax/mae)
+    c.seed = 0  # seeds the initial weights, the data order, the augmentations and the masks
+    # True: resume a run although training settings (lr, schedule, batch, data, ...) changed since its
+    # checkpoint, with a warning naming each; False: such a resume is refused.
+    c.allow_config_change = False
 
     # The encoder: medjax's ViT with timm's blocks (no LayerScale), as the official MAE.
     c.model = ml_collections.ConfigDict()
     c.model.arch = "vit_base"  # vit_tiny | vit_small | vit_base | vit_large | vit_huge
     c.model.embed_dim = ml_collections.config_dict.placeholder(int)  # explicit sizes override the arch's
-    c.model.depth = ml_collections.config_dict.placeholder(int)
-    c.model.num_heads = ml_collections.config_dict.placeholder(int)
-    c.model.patch_size = 16
+    c.model.depth = ml_collections.config_dict.placeholder(int)  # transformer blocks; None = the arch's
+    c.model.num_heads = ml_collections.config_dict.placeholder(int)  # attention heads per block; None = the arch's
+    c.model.patch_size = 16  # side of the square patch each token covers, in pixels
     c.model.in_chans = 1  # grayscale slices
     c.model.num_register_tokens = 0  # the official MAE has none
-    c.model.ffn_layer = "mlp"
+    c.model.ffn_layer = "mlp"  # block MLP: mlp | swiglu
     c.model.layerscale = 0.0  # none, as timm's blocks
-    c.model.drop_path_rate = 0.0
-    c.model.drop_path_uniform = False
-    c.model.interpolate_antialias = False
-    c.model.interpolate_offset = 0.1
+    c.model.drop_path_rate = 0.0  # stochastic depth: probability a block's residual branch is dropped
+    c.model.drop_path_uniform = False  # True: the same drop-path rate in every block; False: rising with depth
+    c.model.interpolate_antialias = False  # antialiased resizing of the position table
+    c.model.interpolate_offset = 0.1  # offset added before resizing the position table
     c.model.dtype = "float32"  # compute dtype: float32 | bfloat16 (params and the loss stay float32)
-    c.model.remat = False
+    c.model.remat = False  # recompute block activations in the backward pass (less memory, more time)
     # Official MAE weights (.pth/.npz/.safetensors: a full MaskedAutoencoderViT, or an encoder-only
     # mae_pretrain_vit_*.pth whose decoder then starts fresh) to continue pretraining from; "" = random init.
     c.model.init_weights = ""
     c.model.spatial_dims = 2  # 2: slices; 3: volumes (cubic patches, a 3D sin-cos table)
 
     c.decoder = ml_collections.ConfigDict()
-    c.decoder.embed_dim = 512
-    c.decoder.depth = 8
-    c.decoder.num_heads = 16
+    c.decoder.embed_dim = 512  # width of the MAE decoder
+    c.decoder.depth = 8  # transformer blocks of the decoder
+    c.decoder.num_heads = 16  # attention heads per decoder block
 
     c.mae = ml_collections.ConfigDict()
-    c.mae.mask_ratio = 0.75
+    c.mae.mask_ratio = 0.75  # share of patches hidden from the encoder
     c.mae.norm_pix_loss = True  # target = each patch normalised by its mean and (unbiased) variance
 
     c.optim = ml_collections.ConfigDict()
-    c.optim.epochs = 800
-    c.optim.warmup_epochs = 40
+    c.optim.epochs = 800  # length of the run in epochs (train.epoch_length steps each)
+    c.optim.warmup_epochs = 40  # epochs of the learning rate's linear warm-up
     c.optim.base_lr = 1.5e-4  # blr: lr = base_lr * global batch / 256
-    c.optim.min_lr = 0.0
+    c.optim.min_lr = 0.0  # learning rate at the end of the half-cycle cosine
     c.optim.weight_decay = 0.05  # none on biases and norms (1-D params); the sin-cos tables are frozen
-    c.optim.adamw_beta1 = 0.9
-    c.optim.adamw_beta2 = 0.95
+    c.optim.adamw_beta1 = 0.9  # AdamW first-moment decay
+    c.optim.adamw_beta2 = 0.95  # AdamW second-moment decay
     c.optim.clip_grad = 0.0  # 0 = none, as the official
 
     # One view per image: random resized crop (bicubic) + horizontal flip, normalised.
     c.crops = ml_collections.ConfigDict()
     c.crops.global_size = 224  # the model's input side (a cube's in 3D)
-    c.crops.scale = (0.2, 1.0)
-    c.crops.ratio = (3.0 / 4.0, 4.0 / 3.0)
-    c.crops.flip_p = 0.5
-    c.crops.mean = (0.449,)
-    c.crops.std = (0.226,)
+    c.crops.scale = (0.2, 1.0)  # area range of the random resized crop, as a fraction of the image
+    c.crops.ratio = (3.0 / 4.0, 4.0 / 3.0)  # aspect-ratio range of the random resized crop
+    c.crops.flip_p = 0.5  # probability of a left-right flip
+    c.crops.mean = (0.449,)  # per-channel mean subtracted from the normalised images
+    c.crops.std = (0.226,)  # per-channel standard deviation the images are divided by
 
     c.train = ml_collections.ConfigDict()
-    c.train.batch_size_per_device = 64
+    c.train.batch_size_per_device = 64  # images per device per step (global batch = this x devices)
     c.train.epoch_length = 0  # iterations per epoch; 0 = one pass over the training images (official)
-    c.train.log_every = 20
-    c.train.checkpoint_every = 1000
-    c.train.keep_checkpoints = 3
+    c.train.log_every = 20  # steps between metric lines (metrics.jsonl, TensorBoard, progress)
+    c.train.checkpoint_every = 1000  # steps between checkpoints
+    c.train.keep_checkpoints = 3  # checkpoints kept on disk (the oldest are deleted)
     c.train.plot_every = 1000  # also redraws reconstructions.png
     c.train.reconstructions = 4  # val images shown masked / reconstructed / original
     c.train.stop_at_step = -1  # >= 0: stop (and checkpoint) there; schedules still span the whole run

@@ -30,8 +30,8 @@ VARIANTS = ("", "demo", "smoke", "demo3d", "smoke3d")
 def get_config(variant: str = "", *, multitask: bool = False, config_file: str = "configs/segment.py"):
     variant = config_lib.check_variant(variant, VARIANTS, config_file)
     c = ml_collections.ConfigDict()
-    c.mode = "segment"
-    c.seed = 0
+    c.mode = "segment"  # the job: segmentation (and multi-task) on a pretrained backbone (medjax/segment)
+    c.seed = 0  # seeds the heads' initialisation, the data order and the few-label draws
 
     s = c.segment = ml_collections.ConfigDict()
     # Where the backbone comes from: a medjax pretraining run, or official DINOv2 weights.
@@ -49,7 +49,7 @@ def get_config(variant: str = "", *, multitask: bool = False, config_file: str =
     # demo_masks: "lesion" (background, lesion) or "tissue" (background, csf, grey_matter, white_matter,
     # lesion: brain-tissue segmentation); class_names must then be those classes.
     s.manifest = ""
-    s.demo_masks = "lesion"
+    s.demo_masks = "lesion"  # demo masks: lesion | tissue
     s.class_names = ("background", "lesion")  # mask label value i is class_names[i]; 0 is background
     s.image_size = 0  # model input (square); 0 = the pretraining run's global crop size
     # 3D model input (D, H, W) voxels at the target spacing, each a multiple of the patch size; () = the largest
@@ -67,15 +67,15 @@ def get_config(variant: str = "", *, multitask: bool = False, config_file: str =
     # Loss: dice_weight * soft Dice (per class, background excluded) + ce_weight * cross-entropy,
     # + classification_weight * cross-entropy of the classification head (multi-task; 0 = off).
     s.dice_weight = 1.0
-    s.ce_weight = 1.0
-    s.classification_weight = 0.0
+    s.ce_weight = 1.0  # weight of the cross-entropy loss
+    s.classification_weight = 0.0  # weight of the classification head's loss; 0 = no classification head
     s.label_column = ""  # the classification target; with the demo, empty = lesion class shown on the slice
     # Optimisation: AdamW, linear warm-up then cosine decay, a fixed number of steps for every fraction.
     s.steps = 2000
-    s.batch_size = 32
-    s.lr = 1e-3
-    s.warmup_steps = 100
-    s.weight_decay = 1e-4
+    s.batch_size = 32  # images (volumes in 3D) per step
+    s.lr = 1e-3  # peak AdamW learning rate
+    s.warmup_steps = 100  # steps of the linear lr warm-up
+    s.weight_decay = 1e-4  # AdamW weight decay
     s.eval_every = 200  # steps between val evaluations (training curves)
     # Augmentation (fine-tuned backbone only; frozen tokens are computed once, unaugmented).
     s.flip_p = 0.5  # horizontal (left-right) flip of image and mask together
@@ -85,8 +85,8 @@ def get_config(variant: str = "", *, multitask: bool = False, config_file: str =
     s.empty_rule = "nan"
     # Few labels: train on this fraction of the training patients (whole patients), one run per seed.
     s.label_fractions = (1.0,)
-    s.fraction_seeds = (0,)
-    s.eval_batch = 64
+    s.fraction_seeds = (0,)  # one patient draw (and training run) per seed
+    s.eval_batch = 64  # images (volumes) per batch when evaluating
     s.overlay_cases = 4  # test cases drawn as overlays (and saved as prediction PNGs) per init and head
 
     c.data = config_lib.data_config()  # same keys and meaning as the pretraining config's data section

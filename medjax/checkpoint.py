@@ -110,10 +110,14 @@ class Checkpointer:
             args["data"] = grain.checkpoint.CheckpointSave(data_iterator)
         self._manager.save(step, args=ocp.args.Composite(**args), force=True)
 
+    def saved_meta(self, step: int) -> dict:
+        """The metadata saved with ``step`` (its run's config, model fingerprint, ...)."""
+        return self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+
     def restore(self, step: int, abstract_state, data_iterator, expected_meta: dict):
         """Restores ``step`` into the shapes/shardings of ``abstract_state``; checks the model."""
-        meta = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-        _check_compatible(meta, expected_meta, os.path.join(self.directory, str(step)))
+        meta = self.saved_meta(step)
+        check_compatible(meta, expected_meta, os.path.join(self.directory, str(step)))
         args = {"state": ocp.args.StandardRestore(abstract_state)}
         if data_iterator is not None:
             args["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
@@ -128,7 +132,8 @@ class Checkpointer:
         self._manager.close()
 
 
-def _check_compatible(meta: dict, expected: dict, path: str) -> None:
+def check_compatible(meta: dict, expected: dict, path: str) -> None:
+    """A checkpoint of another job or another model (parameter shapes or dtypes): one sentence."""
     saved_mode = meta.get("config", {}).get("mode")
     wanted_mode = expected.get("config", {}).get("mode")
     if saved_mode and wanted_mode and saved_mode != wanted_mode:
@@ -140,11 +145,16 @@ def _check_compatible(meta: dict, expected: dict, path: str) -> None:
         return
     missing = sorted(set(wanted) - set(saved))
     extra = sorted(set(saved) - set(wanted))
-    differ = sorted(k for k in set(saved) & set(wanted) if saved[k] != wanted[k])
+    shapes = sorted(k for k in set(saved) & set(wanted) if saved[k][0] != wanted[k][0])
+    dtypes = sorted(k for k in set(saved) & set(wanted) if saved[k][1] != wanted[k][1])
     detail = []
-    if differ:
-        k = differ[0]
-        detail.append(f"{len(differ)} parameters differ in shape, e.g. {k}: checkpoint {saved[k][0]} vs config {wanted[k][0]}")
+    if shapes:
+        k = shapes[0]
+        detail.append(f"{len(shapes)} parameters differ in shape, e.g. {k}: checkpoint {saved[k][0]} vs config {wanted[k][0]}")
+    if dtypes:
+        k = dtypes[0]
+        detail.append(f"{len(dtypes)} parameters differ in dtype, e.g. {k}: checkpoint {saved[k][1]} vs config "
+                      f"{wanted[k][1]}")
     if missing:
         detail.append(f"{len(missing)} parameters are missing from it, e.g. {missing[0]}")
     if extra:

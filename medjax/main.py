@@ -1,6 +1,7 @@
 """medjax entry point.
 
     python -m medjax.main --config=configs/dinov2_reg.py:demo --workdir=runs/demo [--config.key=value ...]
+    python -m medjax.main --config=configs/dinov2_reg.py:demo --dry_run   # what it would do, and how long
 
 ``config.mode`` picks the trainer. Mistakes a user can make (a bad config value,
 an unwritable workdir, a checkpoint of another model) end with one sentence on
@@ -24,6 +25,8 @@ _CONFIG = config_flags.DEFINE_config_file(
 )
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and plots (resumes if present).")
 _TRACEBACK = flags.DEFINE_bool("traceback", False, "Show the full traceback of an error.")
+_DRY_RUN = flags.DEFINE_bool("dry_run", False, "Print the resolved config with each key's meaning, the data, the "
+                             "schedule and an ETA (medjax/dry_run.py), then exit without training.")
 
 
 # Explicit registry: config.mode -> the job's trainer module (one folder of medjax/ per job), each with
@@ -76,6 +79,12 @@ def main(argv):
             raise UsageError(_flag_error(e, sys.argv)) from None
         if config.mode not in TRAINERS:
             raise UsageError(f"Unknown config.mode {config.mode!r}; choose one of {', '.join(TRAINERS)}.")
+        if _DRY_RUN.value:  # --workdir optional: without one the demo data goes to a temporary folder
+            from medjax import dry_run
+
+            dry_run.run(config, flags.FLAGS["config"].config_filename,
+                        _check_workdir(_WORKDIR.value) if _WORKDIR.value else None)
+            return
         workdir = _check_workdir(_WORKDIR.value)
         if "distributed" in config:  # a trainer that runs over several processes: connect them first
             from medjax import distributed

@@ -15,15 +15,19 @@ from typing import Any, Callable
 
 import jax
 
-from medjax import checkpoint, console, reporting
+from medjax import checkpoint, console, reporting, resume_guard
 
 
-def resume(ckpt: checkpoint.Checkpointer, state, data, meta: dict, total_steps: int):
+def resume(ckpt: checkpoint.Checkpointer, state, data, meta: dict, total_steps: int, *, allow_config_change: bool):
     """``(state, first step)``: the latest checkpoint of the workdir restored (state and data iterator), or
-    the fresh state at step 0."""
+    the fresh state at step 0. A checkpoint of another job or model is refused; so is one whose run had other
+    training settings (``resume_guard``) unless ``allow_config_change``, which warns instead."""
     start = ckpt.latest_step()
     if start is None:
         return state, 0
+    saved, where = ckpt.saved_meta(start), checkpoint.step_dir(os.path.dirname(ckpt.directory), start)
+    checkpoint.check_compatible(saved, meta, where)
+    resume_guard.check(saved, meta, where, allow=allow_config_change)
     state, _ = ckpt.restore(start, state, data.iterator, meta)
     console.say(f"Resumed from step {start} of {total_steps} ({ckpt.directory}).")
     return state, start

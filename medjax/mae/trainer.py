@@ -9,6 +9,7 @@ anything is saved, checkpoints hold the state and the Grain iterator, a rerun re
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Any
 
@@ -18,7 +19,7 @@ import jax.numpy as jnp
 import optax
 from flax import traverse_util
 
-from medjax import checkpoint, console, reporting, sharding, training_loop
+from medjax import checkpoint, console, reporting, resume_guard, schedule_check, sharding, training_loop
 from medjax.mae.batches import MAEData
 from medjax.mae.reconstructions import Reconstructions
 from medjax.mae.validate import validate, visible_patches
@@ -110,32 +111,61 @@ def make_train_step(model, config, tx, lr: HalfCycleCosine):
     return train_step
 
 
+@dataclasses.dataclass
+class Trainable:
+    """What ``run`` trains and the dry run times: the model, its lr schedule, the initial state in its
+    layout on the mesh, the compiled step and the rng it folds the step into."""
+
+    model: Any
+    lr: HalfCycleCosine
+    state: MAEState
+    step_fn: Any
+    step_rng: jax.Array
+
+
+def build(config, mesh, global_batch: int, epoch_length: int, batch_shardings: dict, *,
+          load_weights: bool = True) -> Trainable:
+    """The initial state (from ``config.model.init_weights`` when set and ``load_weights``) and the jitted step."""
+    model = mae_from_config(config)
+    total_steps = config.optim.epochs * epoch_length
+    lr = HalfCycleCosine(config.optim.base_lr * global_batch / 256.0, config.optim.min_lr,
+                         total_steps, config.optim.warmup_epochs * epoch_length)
+    tx = make_optimizer(config, lr)
+    init_rng, step_rng = jax.random.split(jax.random.PRNGKey(config.seed))
+    state, state_shardings = init_sharded_state(model, config, init_rng, tx, mesh)
+    if config.model.init_weights and load_weights:
+        state = start_from_official(state, state_shardings, model, config.model.init_weights)
+    step_fn = jit_train_step(make_train_step(model, config, tx, lr), state_shardings, batch_shardings, mesh)
+    return Trainable(model, lr, state, step_fn, step_rng)
+
+
+def steps_from(config) -> str:
+    """The keys that set the number of steps (one epoch is one pass over the data unless epoch_length is set)."""
+    return "config.optim.epochs or config.train.epoch_length" if config.train.epoch_length else "config.optim.epochs"
+
+
 def run(config, workdir: str) -> dict:
     """Pretrains an MAE per ``config`` in ``workdir`` (resuming from its latest checkpoint); returns a summary."""
     validate(config)
     is_main = jax.process_index() == 0
     mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
     global_batch = config.train.batch_size_per_device * mesh.size
-    model = mae_from_config(config)
     data = MAEData(config, mesh, workdir, say=console.say)
     epoch_length = config.train.epoch_length or data.epoch_length
     total_steps = config.optim.epochs * epoch_length
     stop_step = total_steps if config.train.stop_at_step < 0 else min(config.train.stop_at_step, total_steps)
-    lr = HalfCycleCosine(config.optim.base_lr * global_batch / 256.0, config.optim.min_lr,
-                         total_steps, config.optim.warmup_epochs * epoch_length)
-    tx = make_optimizer(config, lr)
-    init_rng, step_rng = jax.random.split(jax.random.PRNGKey(config.seed))
-    state, state_shardings = init_sharded_state(model, config, init_rng, tx, mesh)
-    if config.model.init_weights:
-        state = start_from_official(state, state_shardings, model, config.model.init_weights)
+    for warning in schedule_check.absurd_schedule(total_steps, global_batch, len(data.source), steps_from(config)):
+        console.warn(warning)
+    built = build(config, mesh, global_batch, epoch_length, data.shardings)
+    model, lr, state, step_fn, step_rng = built.model, built.lr, built.state, built.step_fn, built.step_rng
     ckpt = checkpoint.Checkpointer(workdir, max_to_keep=config.train.keep_checkpoints)
-    meta = {"fingerprint": checkpoint.tree_fingerprint(state.params), "config": checkpoint.dumps_config(config)}
-    state, start = training_loop.resume(ckpt, state, data, meta, total_steps)
+    meta = resume_guard.run_meta(config, checkpoint.tree_fingerprint(state.params), global_batch)
+    state, start = training_loop.resume(ckpt, state, data, meta, total_steps,
+                                        allow_config_change=config.allow_config_change)
     console.say(f"MAE: {model.depth}-block encoder of width {model.embed_dim} sees {visible_patches(config)} of "
                 f"{(model.img_size // model.patch_size) ** model.spatial_dims} patches; {epoch_length} steps per "
                 f"epoch of {global_batch} images, {total_steps} steps, peak lr {lr.base:.3g}.")
 
-    step_fn = jit_train_step(make_train_step(model, config, tx, lr), state_shardings, data.shardings, mesh)
     reporter = reporting.Reporter(workdir, total_steps=total_steps, images_per_step=global_batch, is_main=is_main)
     evaluator = None
     if config.evals.every or config.evals.final:

@@ -9,6 +9,7 @@ disk is always a good one.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 from typing import Any
@@ -19,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from medjax import checkpoint, console, optim, reporting, sharding, training_loop
+from medjax import checkpoint, console, optim, reporting, resume_guard, schedule_check, sharding, training_loop
 from medjax.models.backbone import dinov2_init
 from medjax.pretrain.batches import PretrainData
 from medjax.pretrain.loss_model import LossConfig, build_models, init_params, ssl_loss
@@ -142,22 +143,25 @@ def make_train_step(models, config, schedules, rules: optim.ParamRules, adam):
     return train_step
 
 
-def run(config, workdir: str) -> dict:
-    """Pretrains per ``config`` in ``workdir`` (resuming from its latest checkpoint); returns a summary."""
-    validate(config)
-    is_main = jax.process_index() == 0
-    mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
-    global_batch = config.train.batch_size_per_device * mesh.size
+@dataclasses.dataclass
+class Trainable:
+    """What ``run`` trains and the dry run times: the models, the initial state in its layout on the mesh,
+    the compiled step and the rng it folds the step into."""
+
+    models: Any
+    state: PretrainState
+    step_fn: Any
+    step_rng: jax.Array
+
+
+def build(config, mesh, global_batch: int, batch_shardings: dict, *, load_weights: bool = True) -> Trainable:
+    """The initial state (from ``config.model.init_weights`` when set and ``load_weights``) and the jitted step."""
     models = build_models(config)
     schedules = pretrain_schedules(config, global_batch)
-    total_steps = config.optim.epochs * config.train.epoch_length
-    stop_step = total_steps if config.train.stop_at_step < 0 else min(config.train.stop_at_step, total_steps)
-
     adam = optim.make_adam(config.optim.adamw_beta1, config.optim.adamw_beta2)
-    rng = jax.random.PRNGKey(config.seed)
-    init_rng, step_rng = jax.random.split(rng)
+    init_rng, step_rng = jax.random.split(jax.random.PRNGKey(config.seed))
     state, state_shardings = init_sharded_state(models, config, init_rng, adam, mesh)
-    if config.model.init_weights:
+    if config.model.init_weights and load_weights:
         state = start_from_official(state, state_shardings, models, config.model.init_weights)
     rules = optim.ParamRules.from_params(
         state.student,
@@ -165,17 +169,38 @@ def run(config, workdir: str) -> dict:
         layerwise_decay=config.optim.layerwise_decay,
         patch_embed_lr_mult=config.optim.patch_embed_lr_mult,
     )
+    step_fn = jit_train_step(make_train_step(models, config, schedules, rules, adam), state_shardings,
+                             batch_shardings, mesh)
+    return Trainable(models, state, step_fn, step_rng)
+
+
+def total_steps_of(config) -> int:
+    """The schedule's length: ``config.optim.epochs`` epochs of ``config.train.epoch_length`` steps."""
+    return config.optim.epochs * config.train.epoch_length
+
+
+STEPS_FROM = "config.optim.epochs or config.train.epoch_length"  # the keys that set the number of steps
+
+
+def run(config, workdir: str) -> dict:
+    """Pretrains per ``config`` in ``workdir`` (resuming from its latest checkpoint); returns a summary."""
+    validate(config)
+    is_main = jax.process_index() == 0
+    mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
+    global_batch = config.train.batch_size_per_device * mesh.size
+    total_steps = total_steps_of(config)
+    stop_step = total_steps if config.train.stop_at_step < 0 else min(config.train.stop_at_step, total_steps)
 
     data = PretrainData(config, mesh, workdir, say=console.say)
+    for warning in schedule_check.absurd_schedule(total_steps, global_batch, len(data.source), STEPS_FROM):
+        console.warn(warning)
+    built = build(config, mesh, global_batch, data.shardings)
+    models, state, step_fn, step_rng = built.models, built.state, built.step_fn, built.step_rng
     ckpt = checkpoint.Checkpointer(workdir, max_to_keep=config.train.keep_checkpoints)
-    meta = {
-        "fingerprint": checkpoint.tree_fingerprint(state.student),
-        "config": checkpoint.dumps_config(config),
-    }
-    state, start = training_loop.resume(ckpt, state, data, meta, total_steps)
+    meta = resume_guard.run_meta(config, checkpoint.tree_fingerprint(state.student), global_batch)
+    state, start = training_loop.resume(ckpt, state, data, meta, total_steps,
+                                        allow_config_change=config.allow_config_change)
 
-    step_fn = jit_train_step(make_train_step(models, config, schedules, rules, adam), state_shardings,
-                             data.shardings, mesh)
     reporter = reporting.Reporter(
         workdir, total_steps=total_steps, images_per_step=global_batch, is_main=is_main
     )

@@ -96,7 +96,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(interrupted_ru
     _, half, _, _ = interrupted_run
     workdir = tmp_path / "nan"
     shutil.copytree(half, workdir)
-    proc = medjax(workdir, "--config.optim.base_lr=inf", check=False)
+    proc = medjax(workdir, "--config.optim.base_lr=inf", "--config.allow_config_change=True", check=False)
     assert proc.returncode == 2
     message = proc.stderr.strip().splitlines()[-1]
     assert "Non-finite loss or parameters at step 3" in message, message
