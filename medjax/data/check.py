@@ -67,6 +67,9 @@ def check_row(row, *, normalisation: dict, axis, preview_dir=None, dump_dir=None
         "raw_range": [float(np.min(image.array)), float(np.max(image.array))],
         "warnings": list(image.meta.get("warnings", [])),
         "transform": transform,
+        "axis": axis,
+        # records a slice index gives along `axis`: the RAS+ array's axis it names (a 2D image is one)
+        "slices": int(image.array.shape[AXES[axis] if isinstance(axis, str) else axis]) if image.is_volume else 1,
     }
     if row.mask_path:
         mask = read_image(row.mask_path)
@@ -94,13 +97,14 @@ def summarise(facts: list[dict], problems: list[str], manifest) -> str:
                  f"patients: {len(manifest.patients())}")
     if facts:
         series = {f["series_uid"] or f["path"] for f in facts}
-        slices = sum(f["shape"][2] if f["orientation"] != "2D" else 1 for f in facts)
+        slices = sum(f["slices"] for f in facts)
+        axes = "/".join(sorted({str(f["axis"]) for f in facts}))
         shapes = collections.Counter(tuple(f["shape"]) for f in facts)
         orient = collections.Counter(f["orientation"] for f in facts)
         spacing = np.array([f["spacing"][:2] + f["spacing"][2:3] for f in facts if len(f["spacing"]) == 3])
         lo = min(f["raw_range"][0] for f in facts)
         hi = max(f["raw_range"][1] for f in facts)
-        lines.append(f"series/images read: {len(series)}; 2D slices: {slices}")
+        lines.append(f"series/images read: {len(series)}; 2D slices ({axes}): {slices}")
         lines.append("shapes: " + ", ".join(f"{'x'.join(map(str, s))} ({n})" for s, n in shapes.most_common(5)))
         if len(spacing):
             lines.append("volume spacing (mm): " + ", ".join(

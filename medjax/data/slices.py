@@ -19,7 +19,11 @@ transform (`index.transform(i)`). Masks get the same geometry and no normalisati
 
 Building an index reads every row once (slice counts, background, mask checks,
 unreadable files: all found before training); decoded volumes then live in a
-small LRU cache, so shuffled access over many volumes rereads files.
+small LRU cache, so shuffled access over many volumes rereads files. The build runs
+in `workers` processes, says its progress, and with `index_dir` keeps each finished
+row so an interrupted build resumes (``build_runner``). With `headers_only`, rows
+whose records need no pixels (no background skipping, no mask) are counted from file
+headers (``headers``); their intensity transform is then made when first read.
 
 Files that are not what they seem are taken as configured or refused by name,
 never read silently wrong: a 4D file (time points, diffusion directions) gives
@@ -35,12 +39,12 @@ from __future__ import annotations
 import collections
 import dataclasses
 import threading
-import time
 from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
 from medjax import console
+from medjax.data.index_build import RowBuild
 from medjax.data.intensity import normalise, resample
 from medjax.data.label_maps import check_mask_values, fit_mask
 from medjax.data.manifest import ManifestError, ManifestRow
@@ -48,7 +52,6 @@ from medjax.readers import ImageReadError, four_d_refusal, read_image
 
 AXES = {"sagittal": 0, "coronal": 1, "axial": 2}
 DEFAULT_NORMALISATION = {"method": "percentile", "low": 0.5, "high": 99.5}
-_PROGRESS_S = 10.0  # print build progress when reading takes longer than this
 _LUMA = np.asarray([0.299, 0.587, 0.114], np.float32)  # ITU-R BT.601 weights of R, G, B
 # What an index says once about files it took as configured rather than as they came.
 _NOTES = {
@@ -101,7 +104,7 @@ def _grid(row: ManifestRow, path: str, data, *, mask: bool = False) -> np.ndarra
     return array
 
 
-class _RowIndex:
+class _RowIndex(RowBuild):
     """Shared machinery: read rows once (reporting or raising on bad ones), normalise, check masks, cache."""
 
     _expect_3d: bool | None = None
@@ -109,7 +112,8 @@ class _RowIndex:
     def __init__(self, rows: Sequence[ManifestRow], *, reader: Callable | None = None,
                  normalisation: dict | Callable | None = DEFAULT_NORMALISATION, label_columns: Sequence[str] = (),
                  skip_bad: bool = False, cache_volumes: int = 4, target_spacing: Sequence[float] = (),
-                 mask_resample: bool = False, mask_values: Mapping | None = None, volume_index: int = -1):
+                 mask_resample: bool = False, mask_values: Mapping | None = None, volume_index: int = -1,
+                 workers: int = 0, index_dir: str | None = None, headers_only: bool = False):
         if cache_volumes < 1:
             raise ValueError(f"cache_volumes={cache_volumes} must be at least 1.")
         if isinstance(volume_index, bool) or not isinstance(volume_index, (int, np.integer)) or volume_index < -1:
@@ -127,6 +131,7 @@ class _RowIndex:
         self.normalisation, self.label_columns = normalisation, tuple(label_columns)
         self.skip_bad, self.cache_volumes = skip_bad, int(cache_volumes)
         self.target_spacing = tuple(float(t) for t in target_spacing)
+        self.workers, self.index_dir, self.headers_only = workers, index_dir or None, bool(headers_only)
         self.bad_rows: list[tuple[int, str, str]] = []  # (CSV line, file, reason)
         self.transforms: list[dict | None] = []  # per row, None for a skipped row
         self.skipped = {"background_slices": 0, "bad_rows": 0}
@@ -220,36 +225,14 @@ class _RowIndex:
                 self._said.add(kind)
                 console.warn(f"{name}: {len(seen)} {_NOTES[kind]}; the first: {next(iter(seen))}.")
 
-    def _build(self, name: str) -> None:
-        """Read every row once; the subclass's `_register(k, row, image)` adds the row's records."""
-        start, last = time.monotonic(), time.monotonic()
-        for k, row in enumerate(self.rows):
-            try:
-                image, mask, transform = self._read(row)
-            except ImageReadError as err:
-                if not self.skip_bad:
-                    raise
-                self.bad_rows.append((row.line, row.path, str(err)))
-                self.transforms.append(None)
-                continue
-            self.transforms.append(transform)
-            self._store(k, (image, mask))
-            self._register(k, row, image)
-            if time.monotonic() - last > _PROGRESS_S:
-                last = time.monotonic()
-                print(f"{name}: read {k + 1}/{len(self.rows)} rows in {last - start:.0f} s", flush=True)
-        self.skipped["bad_rows"] = len(self.bad_rows)
-        self._row_of, self._slice_of = np.asarray(self._row_of, np.int64), np.asarray(self._slice_of, np.int64)
-        self._report(name)
-
     def _report(self, name: str) -> None:
         """Anything skipped is said out loud, once, when the index is built."""
         self._say_notes(name)
         if self.bad_rows:
             lines = "\n".join(f"  {reason}" for _, _, reason in self.bad_rows[:5])  # reasons name the line
             more = f"\n  ... and {len(self.bad_rows) - 5} more (see .bad_rows)" if len(self.bad_rows) > 5 else ""
-            print(f"{name}: skipped {len(self.bad_rows)} of {len(self.rows)} rows whose files could not be read "
-                  f"(skip_bad=True):\n{lines}{more}", flush=True)
+            console.say(f"{name}: skipped {len(self.bad_rows)} of {len(self.rows)} rows whose files could not be "
+                        f"read (skip_bad=True):\n{lines}{more}")
 
     def _store(self, k: int, item) -> None:
         with self._lock:
@@ -265,7 +248,9 @@ class _RowIndex:
             if item is not None:
                 self._cache.move_to_end(k)
         if item is None:
-            image, mask, _ = self._read(self.rows[k])
+            image, mask, transform = self._read(self.rows[k])
+            if self.transforms[k] is None:  # counted from headers: first read now
+                self.transforms[k] = transform
             item = (image, mask)
             self._store(k, item)
         return item
@@ -290,8 +275,12 @@ class _RowIndex:
         return int(self._row_of[i]), int(self._slice_of[i])
 
     def transform(self, i: int) -> dict:
-        """The intensity transform of record i's volume (shared by all its slices)."""
-        return self.transforms[self._entry(i)[0]]
+        """The intensity transform of record i's volume (shared by all its slices; read now if the index
+        was counted from headers)."""
+        k = self._entry(i)[0]
+        if self.transforms[k] is None:
+            self._volume(k)
+        return self.transforms[k]
 
 
 class SliceIndex(_RowIndex):
@@ -306,44 +295,57 @@ class SliceIndex(_RowIndex):
                  skip_background: bool = True, background_fraction: float = 0.01,
                  normalisation: dict | Callable | None = DEFAULT_NORMALISATION, label_columns: Sequence[str] = (),
                  cache_volumes: int = 4, skip_bad: bool = False, target_spacing: Sequence[float] = (),
-                 mask_resample: bool = False, mask_values: Mapping | None = None, volume_index: int = -1):
+                 mask_resample: bool = False, mask_values: Mapping | None = None, volume_index: int = -1,
+                 workers: int = 0, index_dir: str | None = None, headers_only: bool = False):
         if not (axis in AXES or (isinstance(axis, int) and -3 <= axis < 3)):
             raise ValueError(f"axis={axis!r} must be one of {', '.join(AXES)} or an array axis 0, 1, 2.")
         if not 0.0 <= background_fraction < 1.0:
             raise ValueError(f"background_fraction={background_fraction} must lie in [0, 1).")
         super().__init__(rows, reader=reader, normalisation=normalisation, label_columns=label_columns,
                          skip_bad=skip_bad, cache_volumes=cache_volumes, target_spacing=target_spacing,
-                         mask_resample=mask_resample, mask_values=mask_values, volume_index=volume_index)
+                         mask_resample=mask_resample, mask_values=mask_values, volume_index=volume_index,
+                         workers=workers, index_dir=index_dir, headers_only=headers_only)
         self.axis, self.skip_background, self.background_fraction = axis, skip_background, background_fraction
         self._background_volumes = 0
         self._build("SliceIndex")
 
-    def _register(self, k, row, image):
-        if image.ndim == 2:
+    def _scan_settings(self) -> dict:
+        return {"axis": self.axis, "skip_background": self.skip_background,
+                "background_fraction": self.background_fraction}
+
+    def _needs_pixels(self, row) -> bool:
+        return self.skip_background or super()._needs_pixels(row)
+
+    def _keep(self, image):
+        """With skip_background, the slices of a volume that are not background (see class)."""
+        if image.ndim == 2 or not self.skip_background:
+            return None
+        ax = AXES.get(self.axis, self.axis) % 3
+        lo, hi = float(image.min()), float(image.max())
+        foreground = image > lo + 0.01 * (hi - lo) if hi > lo else np.zeros(image.shape, bool)
+        fraction = foreground.mean(axis=tuple(a for a in range(3) if a != ax))
+        return np.flatnonzero(fraction >= self.background_fraction).tolist()
+
+    def _register(self, k, row, scan):
+        if len(scan["shape"]) == 2:
             self._row_of.append(k)
             self._slice_of.append(0)
             return
-        ax = AXES.get(self.axis, self.axis) % 3
-        n = image.shape[ax]
-        keep = np.arange(n)
-        if self.skip_background:
-            lo, hi = float(image.min()), float(image.max())
-            foreground = image > lo + 0.01 * (hi - lo) if hi > lo else np.zeros(image.shape, bool)
-            fraction = foreground.mean(axis=tuple(a for a in range(3) if a != ax))
-            keep = np.flatnonzero(fraction >= self.background_fraction)
-            if len(keep) < n:
-                self.skipped["background_slices"] += n - len(keep)
-                self._background_volumes += 1
+        n = scan["shape"][AXES.get(self.axis, self.axis) % 3]
+        keep = range(n) if scan["keep"] is None else scan["keep"]
+        if len(keep) < n:
+            self.skipped["background_slices"] += n - len(keep)
+            self._background_volumes += 1
         self._row_of.extend([k] * len(keep))
-        self._slice_of.extend(keep.tolist())
+        self._slice_of.extend(keep)
 
     def _report(self, name):
         super()._report(name)
         if self.skipped["background_slices"]:
-            print(f"{name}: skipped {self.skipped['background_slices']} background slices in "
-                  f"{self._background_volumes} volume(s) (fewer than {self.background_fraction:g} of pixels above "
-                  f"1% of the volume's range); {len(self)} slices remain. Pass skip_background=False to keep them.",
-                  flush=True)
+            console.say(f"{name}: skipped {self.skipped['background_slices']} background slices in "
+                        f"{self._background_volumes} volume(s) (fewer than {self.background_fraction:g} of pixels "
+                        f"above 1% of the volume's range); {len(self)} slices remain. Pass skip_background=False to "
+                        "keep them.")
 
     def __getitem__(self, i: int) -> dict:
         k, s = self._entry(i)
@@ -369,18 +371,20 @@ class VolumeIndex(_RowIndex):
                  normalisation: dict | Callable | None = DEFAULT_NORMALISATION, label_columns: Sequence[str] = (),
                  crop_size: Sequence[int] | None = None, cache_volumes: int = 2, skip_bad: bool = False,
                  target_spacing: Sequence[float] = (), mask_resample: bool = False,
-                 mask_values: Mapping | None = None, volume_index: int = -1):
+                 mask_values: Mapping | None = None, volume_index: int = -1, workers: int = 0,
+                 index_dir: str | None = None, headers_only: bool = False):
         if crop_size is not None and (len(crop_size) != 3 or min(crop_size) < 1):
             raise ValueError(f"crop_size={crop_size} must be three positive sizes (X, Y, Z) or None.")
         super().__init__(rows, reader=reader, normalisation=normalisation, label_columns=label_columns,
                          skip_bad=skip_bad, cache_volumes=cache_volumes, target_spacing=target_spacing,
-                         mask_resample=mask_resample, mask_values=mask_values, volume_index=volume_index)
+                         mask_resample=mask_resample, mask_values=mask_values, volume_index=volume_index,
+                         workers=workers, index_dir=index_dir, headers_only=headers_only)
         self.crop_size = None if crop_size is None else tuple(int(c) for c in crop_size)
         self._build("VolumeIndex")
 
-    def _register(self, k, row, image):
-        if image.ndim != 3:
-            raise ManifestError(f"line {row.line}: {row.path} is not a 3D volume (shape {image.shape}); "
+    def _register(self, k, row, scan):
+        if len(scan["shape"]) != 3:
+            raise ManifestError(f"line {row.line}: {row.path} is not a 3D volume (shape {tuple(scan['shape'])}); "
                                 "VolumeIndex takes volumes only, use SliceIndex for 2D images.")
         self._row_of.append(k)
         self._slice_of.append(-1)

@@ -59,3 +59,17 @@ def test_check_reports_manifest_errors_in_one_sentence(tmp_path, capsys):
     assert check.main([str(tmp_path / "m.csv")]) == 1
     err = capsys.readouterr().err
     assert "missing.nii.gz" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("axis, count", [("axial", 6 + 5), ("coronal", 5 + 4), ("sagittal", 4 + 6)])
+def test_check_counts_slices_along_the_chosen_axis(tmp_path, capsys, axis, count):
+    import nibabel as nib
+
+    psr = np.array([[0.0, 0.0, 1.0, 0.0], [-1.0, 0.0, 0.0, 0.0], [0.0, 1.0, 0.0, 0.0], [0, 0, 0, 1]])
+    for name, affine in [("ras.nii.gz", np.eye(4)), ("psr.nii.gz", psr)]:  # psr: stored axes go P, S, R
+        volume = np.random.default_rng(0).random((4, 5, 6)).astype(np.float32)
+        nib.save(nib.Nifti1Image(volume, affine), str(tmp_path / name))
+    (tmp_path / "m.csv").write_text("patient_id,path,split\np1,ras.nii.gz,train\np2,psr.nii.gz,train\n")
+    assert check.main([str(tmp_path / "m.csv"), "--axis", axis]) == 0
+    out = capsys.readouterr().out
+    assert f"2D slices ({axis}): {count}" in out and "shapes: 4x5x6 (1), 6x4x5 (1)" in out
