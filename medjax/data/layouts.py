@@ -19,6 +19,8 @@ import dataclasses
 import os
 import re
 
+import numpy as np
+
 from medjax.data.manifest import ManifestError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm", ".nii", ".nii.gz")  # what medjax.readers reads by name
@@ -243,8 +245,9 @@ def class_folders(root: str, patients: PatientRule) -> Layout:
     return Layout(entries, ("label",), (), notes, not patients.each_image)
 
 
-def _pairs(folder: str, problems: Problems) -> tuple[list[tuple[str, str]], list[str]]:
-    """(image, mask) paired by file stem in folder/images and folder/masks; unpaired files are problems."""
+def _pairs(folder: str, problems: Problems) -> tuple[list[tuple[str, str]], list[str], int]:
+    """(image, mask) pairs by file stem in folder/images and folder/masks, files that are no image, and how
+    many image files there were; unpaired files are problems."""
     found, skipped = {}, []
     for part in ("images", "masks"):
         names = {n.lower(): n for n in os.listdir(folder)}
@@ -265,20 +268,37 @@ def _pairs(folder: str, problems: Problems) -> tuple[list[tuple[str, str]], list
         problems.add("images without a mask (masks/<same stem>.*); add the mask or remove the image.", images[stem])
     for stem in sorted(set(masks) - set(images)):
         problems.add("masks without an image (images/<same stem>.*); add the image or remove the mask.", masks[stem])
-    return [(images[s], masks[s]) for s in sorted(set(images) & set(masks))], skipped
+    return [(images[s], masks[s]) for s in sorted(set(images) & set(masks))], skipped, len(images) + len(masks)
 
 
-def _raster_size(path: str):
-    """(width, height) from a PNG/JPEG header, None for other formats or unreadable files."""
-    if not path.lower().endswith((".png", ".jpg", ".jpeg")):
-        return None
+def _mask_notes(pairs: list[tuple[str, str]], sampled_values: int = 20) -> list[str]:
+    """What the jobs' mask options must say about raster masks: another size than the image (headers of
+    the first 2,000 pairs) or stored values other than labels (pixels of the first few masks)."""
     from PIL import Image
 
-    try:
-        with Image.open(path) as img:
-            return img.size
-    except OSError:
-        return None
+    raster = [(i, m) for i, m in pairs[:2000] if i.lower().endswith((".png", ".jpg", ".jpeg"))
+              and m.lower().endswith((".png", ".jpg", ".jpeg"))]
+    other, values, notes = [], set(), []
+    for k, (image, mask) in enumerate(raster):
+        try:
+            with Image.open(image) as a, Image.open(mask) as b:
+                if a.size != b.size:
+                    other.append((mask, b.size, a.size))
+                if k < sampled_values:
+                    values |= set(np.unique(np.asarray(b)).tolist())
+        except OSError:
+            continue  # unreadable files are named when the manifest is checked (medjax.data.check)
+    if other:
+        path, (mw, mh), (iw, ih) = other[0]
+        notes.append(f"{len(other)} of {len(raster)} masks checked have another size than their image (e.g. {path}: "
+                     f"{mw}x{mh} vs {iw}x{ih}); train with --config.data.mask_resample=True or resample them.")
+    stored = sorted(v for v in values if isinstance(v, int) and v > 0)
+    if stored and stored[-1] > 1:
+        mapping = ", ".join(f'"{v}": {n}' for n, v in enumerate(stored, 1))
+        shown = min(len(raster), sampled_values)
+        notes.append(f"masks store the values {', '.join(map(str, sorted(values)))} (first {shown} masks); map them "
+                     f"to labels with --config.data.mask_values='{{{mapping}}}'.")
+    return notes
 
 
 def image_mask_folders(root: str, patients: PatientRule) -> Layout:
@@ -292,32 +312,26 @@ def image_mask_folders(root: str, patients: PatientRule) -> Layout:
     if not classes:
         problems.add("a ROOT with neither images/ + masks/ nor class folders holding them; give the dataset folder.",
                      root)
-    skipped, sizes = [], []
+    skipped, paired = [], []
     for name, folder in classes:
         if not flat and not {"images", "masks"} <= {s.lower() for s in subfolders(folder)}:
             problems.add("class folders without both images/ and masks/ subfolders; add them or move the folder "
                          "out of ROOT.", folder)
             continue
-        pairs, extra = _pairs(folder, problems)
+        pairs, extra, n_files = _pairs(folder, problems)
         skipped += extra
-        if not any(image_stem(n) for part in subfolders(folder) for _, _, names in os.walk(os.path.join(folder, part))
-                   for n in names):
+        if not n_files:
             problems.add("empty class folders (no image with its mask); add them or remove the folder.", folder)
         for image, mask in pairs:
             rel = relative(image, root)
             entries.append(Entry(image, patients.patient(rel, None, problems, image),
                                  labels={"label": name} if name else {}, mask_path=mask))
-            if len(sizes) < 2000:  # header reads only; enough to see whether masks share their image's grid
-                sizes.append((_raster_size(image), _raster_size(mask), mask))
+        paired += pairs
     problems.raise_if_any()
     if skipped:
         notes.append(f"{len(skipped)} file(s) in images/ or masks/ are no image and were left out "
                      f"(e.g. {skipped[0]}).")
-    other = [(i, m, p) for i, m, p in sizes if i and m and i != m]
-    if other:
-        (iw, ih), (mw, mh), path = other[0]
-        notes.append(f"{len(other)} of {len(sizes)} masks checked have another size than their image (e.g. {path}: "
-                     f"{mw}x{mh} vs {iw}x{ih}); train with --config.data.mask_resample=True or resample them.")
+    notes += _mask_notes(paired)
     return Layout(entries, ("label",) if not flat else (), (), notes, not patients.each_image)
 
 

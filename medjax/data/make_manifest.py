@@ -258,7 +258,7 @@ def usage_flags(layout: Layout, out: str) -> list[str]:
     return lines
 
 
-def _parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m medjax.data.make_manifest", description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__.split("\n\n", 2)[2])
@@ -305,7 +305,7 @@ def _refuse_foreign_options(args, parser) -> None:
 
 def make_manifest(args, parser=None):
     """Read the layout, carve splits, write and re-check the CSV; returns (layout, notes, manifest)."""
-    _refuse_foreign_options(args, parser or _parser())
+    _refuse_foreign_options(args, parser or build_parser())
     layout = build_layout(args)
     notes = carve_splits(layout, val_fraction=args.val_fraction, test_fraction=args.test_fraction, seed=args.seed)
     write_manifest(layout, args.out)
@@ -313,7 +313,7 @@ def make_manifest(args, parser=None):
 
 
 def main(argv=None) -> int:
-    parser = _parser()
+    parser = build_parser()
     args = parser.parse_args(argv)
     try:
         layout, notes, manifest = make_manifest(args, parser)
@@ -326,6 +326,10 @@ def main(argv=None) -> int:
     if not layout.patients_known:
         console.warn("--no-patient-ids: each image is its own patient, so images of one patient may sit in two "
                      "splits and leakage cannot be checked; use --patient-pattern when the paths name patients.")
+    folds = collections.Counter((e.fold, e.split) for e in layout.entries if e.fold is not None)
+    if folds:
+        console.say("folds: " + ", ".join(f"{f} ({n} rows, {s})" for (f, s), n in sorted(folds.items())) + "; for "
+                    "cross-validation write one manifest per --test-fold")
     for note in notes:
         console.say(f"note: {note}")
     console.say("use it:")

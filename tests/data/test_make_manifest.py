@@ -156,7 +156,7 @@ def test_image_mask_folders_pair_by_stem(covid, tmp_path, capsys):
 def test_image_mask_folders_flat_layout_and_size_note(tmp_path, capsys):
     root = tmp_path / "flat"
     _png(str(root / "images" / "a.png"), size=(10, 12))
-    _png(str(root / "masks" / "a.png"), size=(8, 8))
+    _png(str(root / "masks" / "a.png"), value=255, size=(8, 8))
     out = tmp_path / "m.csv"
     status, text, err = _run(capsys, "image-mask-folders", root, "--out", out, "--no-patient-ids",
                              "--val-fraction", "0", "--test-fraction", "0")
@@ -164,6 +164,8 @@ def test_image_mask_folders_flat_layout_and_size_note(tmp_path, capsys):
     assert _rows(out) == [{"patient_id": "images/a.png", "path": "flat/images/a.png", "split": "train",
                            "mask_path": "flat/masks/a.png"}]  # nothing carved: every row trains
     assert "1 of 1 masks checked have another size than their image" in text and "mask_resample=True" in text
+    assert "masks store the values 255 (first 1 masks)" in text
+    assert """--config.data.mask_values='{"255": 1}'""" in text
     load_manifest(str(out))
 
 
@@ -208,6 +210,7 @@ def test_fold_table_renames_folds_and_splits(tmp_path, capsys):
                           folds=fold_splits(3, test_fold=2, val_fold=1))
     assert [r.split for r in folds] == [r["split"] for r in rows]
     assert "--ignore-columns scanner" in text and "--label-columns grade" in text
+    assert "folds: 0 (2 rows, train), 1 (2 rows, val), 2 (2 rows, test)" in text
 
 
 def test_fold_table_lists_non_integer_folds_and_missing_paths(tmp_path, capsys):

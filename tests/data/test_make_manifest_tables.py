@@ -12,6 +12,7 @@ from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ComputedRadiographyImageStorage, ExplicitVRLittleEndian, generate_uid
 
+from medjax.data import check
 from medjax.data import make_manifest as mm
 from medjax.data.dicom_layouts import rle_mask, rle_runs
 from medjax.data.manifest import load_manifest
@@ -230,6 +231,8 @@ def test_rle_table_masks_line_up_with_the_dicom_pixel_for_pixel(tmp_path, capsys
     assert read_image(manifest[1].mask_path).array.max() == 0
     assert "1 DICOM image(s) under ROOT are not in train-rle.csv" in text
     assert 'class_names=("background","pneumothorax")' in text
+    assert check.main([str(out), "--label-columns", "pneumothorax"]) == 0  # images and masks read, shapes agree
+    assert "problems: none" in capsys.readouterr().out
 
 
 def test_rle_table_lists_bad_rows(tmp_path, capsys):
