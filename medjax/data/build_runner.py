@@ -63,13 +63,19 @@ class Progress:
                  f"{rate:.1f} {self.unit}/s, ETA {eta_text}")
 
 
-def run_items(work: Callable, items: Sequence, *, workers: int, progress: Progress) -> Iterator[tuple]:
-    """``(item, work(item))`` for every item as it finishes (see module); a worker's exception is raised here."""
-    workers = resolve_workers(workers)
+def run_items(work: Callable, items: Sequence, *, workers: int, progress: Progress | None = None,
+              min_per_worker: int = 1) -> Iterator[tuple]:
+    """``(item, work(item))`` for every item as it finishes (see module), ticking ``progress`` once per item;
+    a worker's exception is raised here.
+
+    A process is started only for every ``min_per_worker`` items: starting one (a fresh interpreter
+    importing numpy, pydicom, JAX) costs seconds, more than a few small items take to read."""
+    workers = min(resolve_workers(workers), len(items) // max(min_per_worker, 1))
     if workers <= 1 or len(items) <= 1:
         for item in items:
             result = work(item)
-            progress.tick()
+            if progress is not None:
+                progress.tick()
             yield item, result
         return
     pool = concurrent.futures.ProcessPoolExecutor(max_workers=min(workers, len(items)),
@@ -79,7 +85,8 @@ def run_items(work: Callable, items: Sequence, *, workers: int, progress: Progre
         futures = [pool.submit(_call, item) for item in items]
         for future in concurrent.futures.as_completed(futures):
             item, result = future.result()
-            progress.tick()
+            if progress is not None:
+                progress.tick()
             yield item, result
     finally:  # an error or an interruption: queued items are dropped, running ones finish
         pool.shutdown(wait=True, cancel_futures=True)

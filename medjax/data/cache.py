@@ -9,6 +9,10 @@ says how many records there are and which preprocessing made them.
 
 A cache whose fingerprint differs from the requested preprocessing is refused,
 so a changed intensity window or slice axis never reads stale data.
+
+Shards are written by ``workers`` processes (each decodes its own run of volumes), appear
+under their name only once complete, and ``cache.partial.json`` says which preprocessing
+they hold: an interrupted write, run again, keeps the finished shards and writes the rest.
 """
 
 from __future__ import annotations
@@ -21,7 +25,10 @@ import grain
 import numpy as np
 from array_record.python.array_record_module import ArrayRecordWriter
 
+from medjax.data.build_runner import Progress, run_items
+
 _META = "cache.json"
+_PARTIAL = "cache.partial.json"  # what an unfinished write's shards hold (see module)
 
 
 def encode_record(record: dict) -> bytes:
@@ -42,24 +49,66 @@ def decode_record(data: bytes) -> dict:
     return out
 
 
+class _ShardWriter:
+    """Writes shard i (records i * per_shard ...) of ``source``; picklable, so a worker process runs it."""
+
+    def __init__(self, source, directory: str, per_shard: int):
+        self.source, self.directory, self.per_shard = source, directory, per_shard
+
+    def __call__(self, shard: int) -> int:
+        path = os.path.join(self.directory, _shard_name(shard))
+        writer = ArrayRecordWriter(path + ".tmp", "group_size:1")
+        end = min((shard + 1) * self.per_shard, len(self.source))
+        for i in range(shard * self.per_shard, end):
+            writer.write(encode_record(self.source[i]))
+        writer.close()
+        os.replace(path + ".tmp", path)  # complete, or not there under its name
+        return end - shard * self.per_shard
+
+
+def _shard_name(shard: int) -> str:
+    return f"records-{shard:05d}.array_record"
+
+
 def write_cache(source, directory: str, *, fingerprint: dict, records_per_shard: int = 2048,
-                say=None) -> str:
-    """Writes every record of ``source`` into ``directory``; returns the directory."""
+                say=None, workers: int = 0) -> str:
+    """Writes every record of ``source`` into ``directory`` (see module); returns the directory.
+
+    ``workers``: processes writing shards (-1 = one per CPU core, 0 or 1 = this process); ``source``
+    must then pickle (the slice index does, without its decoded volumes)."""
     os.makedirs(directory, exist_ok=True)
     n = len(source)
-    shards = []
-    for start in range(0, n, records_per_shard):
-        name = f"records-{len(shards):05d}.array_record"
-        writer = ArrayRecordWriter(os.path.join(directory, name), "group_size:1")
-        for i in range(start, min(start + records_per_shard, n)):
-            writer.write(encode_record(source[i]))
-        writer.close()
-        shards.append(name)
-        if say:
-            say(f"cache: wrote {min(start + records_per_shard, n)}/{n} records to {directory}")
+    shards = [_shard_name(k) for k in range((n + records_per_shard - 1) // records_per_shard)]
+    plan = json.loads(json.dumps({"num_records": n, "records_per_shard": records_per_shard,
+                                  "fingerprint": fingerprint}))
+    partial = os.path.join(directory, _PARTIAL)
+    kept = []
+    if os.path.exists(partial):
+        with open(partial) as f:
+            same = json.load(f) == plan
+        kept = [k for k, name in enumerate(shards) if same and os.path.exists(os.path.join(directory, name))]
+    if os.path.exists(os.path.join(directory, _META)):
+        os.remove(os.path.join(directory, _META))  # a cache being rewritten is not valid until it is complete
+    for name in os.listdir(directory):  # shards of other preprocessing, or half-written ones
+        if name.startswith("records-") and (name not in shards or name.endswith(".tmp")
+                                            or shards.index(name) not in kept):
+            os.remove(os.path.join(directory, name))
+    with open(partial, "w") as f:
+        json.dump(plan, f, indent=2, sort_keys=True)
+    if say and kept:
+        say(f"cache: {len(kept)} of {len(shards)} shards in {directory} were written by an earlier run; "
+            "writing the others")
+    todo = [k for k in range(len(shards)) if k not in kept]
+    progress = Progress("cache", "records", n, done=min(n, len(kept) * records_per_shard),
+                        say=say or (lambda message: None))
+    for _, count in run_items(_ShardWriter(source, directory, records_per_shard), todo, workers=workers):
+        progress.tick(count)  # in records, not shards
     meta = {"num_records": n, "shards": shards, "fingerprint": fingerprint}
     with open(os.path.join(directory, _META), "w") as f:
         json.dump(meta, f, indent=2, sort_keys=True)
+    os.remove(partial)
+    if say:
+        say(f"cache: wrote {n} records in {len(shards)} shards to {directory}")
     return directory
 
 

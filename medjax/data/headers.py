@@ -14,6 +14,7 @@ stream) is found when the file is first decoded, and that error names its file.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import struct
 
@@ -326,25 +327,37 @@ def _volume_header(source: str, ds0, entries: list, size: tuple[int, int], *,
     return Header(shape, spacing, True)
 
 
+@functools.lru_cache(maxsize=None)
+def _missing_decoder(tsyntax: str) -> str | None:
+    """Why pixel data in ``tsyntax`` cannot be decoded here (the reader's sentence), None if they can;
+    asked once per transfer syntax, not once per file."""
+    from pydicom import pixels as dcm_pixels
+    from pydicom.uid import UID
+
+    uid = UID(tsyntax)
+    try:
+        decoder = dcm_pixels.get_decoder(uid)
+    except NotImplementedError:
+        return (f"its pixel data use transfer syntax {uid.name} ({uid}), which no installed decoder supports; "
+                "convert it to an uncompressed transfer syntax (e.g. gdcmconv --raw).")
+    if not decoder.is_available:
+        return (f"its pixel data are compressed with {uid.name} and no decoder for it is installed "
+                f"({'; '.join(decoder.missing_dependencies)}); install pylibjpeg, pylibjpeg-libjpeg and "
+                "pylibjpeg-openjpeg.")
+    return None
+
+
 def _check_pixels(ds, path: str) -> None:
     """Pixel data that are there, decodable by what is installed, and as long as the header says."""
-    from pydicom import pixels as dcm_pixels
     from pydicom.uid import ImplicitVRLittleEndian
 
     from medjax.readers import dicom as rd
 
     rd._require_pixels(ds, path)
     tsyntax = ds.file_meta.get("TransferSyntaxUID", ImplicitVRLittleEndian)
-    try:
-        decoder = dcm_pixels.get_decoder(tsyntax)
-    except NotImplementedError:
-        raise ImageReadError(f"{path}: its pixel data use transfer syntax {tsyntax.name} ({tsyntax}), which no "
-                             "installed decoder supports; convert it to an uncompressed transfer syntax "
-                             "(e.g. gdcmconv --raw).") from None
-    if not decoder.is_available:
-        raise ImageReadError(f"{path}: its pixel data are compressed with {tsyntax.name} and no decoder for it is "
-                             f"installed ({'; '.join(decoder.missing_dependencies)}); install pylibjpeg, "
-                             "pylibjpeg-libjpeg and pylibjpeg-openjpeg.")
+    missing = _missing_decoder(str(tsyntax))
+    if missing is not None:
+        raise ImageReadError(f"{path}: {missing}")
     if tsyntax.is_compressed or "PixelData" not in ds:
         return
     element = ds.get_item("PixelData")

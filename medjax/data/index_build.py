@@ -18,6 +18,8 @@ from medjax.data.headers import read_header, resampled_shape
 from medjax.data.manifest import ManifestError, ManifestRow
 from medjax.readers import ImageReadError, four_d_refusal, read_image
 
+_ROWS_PER_WORKER = 8  # a worker process is started for every 8 rows to read, up to `workers`
+
 
 class RowBuild:
     """The build of ``slices._RowIndex`` (rows, reader, settings, ``_read``, ``_note``, ``_register``
@@ -41,7 +43,8 @@ class RowBuild:
         todo = [k for k in range(len(self.rows)) if k not in scans]
         progress = Progress(name, "rows", len(self.rows), done=len(scans))
         try:
-            for k, scan in run_items(self._scan, todo, workers=self.workers, progress=progress):
+            for k, scan in run_items(self._scan, todo, workers=self.workers, progress=progress,
+                                     min_per_worker=_ROWS_PER_WORKER):
                 scans[k] = scan
                 if journal and scan["error"] is None and scan["refused"] is None:
                     journal.append(keys[k], scan)

@@ -40,3 +40,46 @@ def test_stale_or_missing_cache_is_refused(tmp_path):
         CachedRecords(str(tmp_path), fingerprint={"window": "lung"})
     with pytest.raises(FileNotFoundError, match="No slice cache"):
         CachedRecords(str(tmp_path / "empty"))
+
+
+class _Stopping:
+    """A source that counts reads and raises at record `stop` (an interrupted write)."""
+
+    def __init__(self, source, stop=None):
+        self.source, self.stop, self.reads = source, stop, []
+
+    def __len__(self):
+        return len(self.source)
+
+    def __getitem__(self, i):
+        if i == self.stop:
+            raise KeyboardInterrupt
+        self.reads.append(i)
+        return self.source[i]
+
+
+def test_interrupted_write_keeps_finished_shards_and_writes_the_rest(tmp_path):
+    source = DemoSlices(num_patients=4, slices_per_patient=3, size=32, seed=2)
+    fingerprint = {"axis": "axial"}
+    with pytest.raises(KeyboardInterrupt):
+        write_cache(_Stopping(source, stop=7), str(tmp_path), fingerprint=fingerprint, records_per_shard=5)
+    assert not cache_is_valid(str(tmp_path), fingerprint)  # shard 0 is written, the cache is not
+    again = _Stopping(source)
+    write_cache(again, str(tmp_path), fingerprint=fingerprint, records_per_shard=5)
+    assert again.reads == list(range(5, 12))  # shards 1 and 2 only
+    cached = CachedRecords(str(tmp_path), fingerprint=fingerprint)
+    for i in range(12):
+        np.testing.assert_array_equal(cached[i]["image"], source[i]["image"])
+    other = _Stopping(source)
+    write_cache(other, str(tmp_path), fingerprint={"axis": "coronal"}, records_per_shard=5)
+    assert other.reads == list(range(12))  # other preprocessing: nothing kept
+
+
+def test_shards_written_by_two_processes_equal_the_source(tmp_path):
+    source = DemoSlices(num_patients=3, slices_per_patient=2, size=32, seed=3)
+    write_cache(source, str(tmp_path), fingerprint={"w": 2}, records_per_shard=2, workers=2)
+    cached = CachedRecords(str(tmp_path), fingerprint={"w": 2})
+    assert len(cached) == 6 and len(cached.meta["shards"]) == 3
+    for i in range(6):
+        np.testing.assert_array_equal(cached[i]["image"], source[i]["image"])
+        assert cached[i]["patient_id"] == source[i]["patient_id"]
