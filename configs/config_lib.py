@@ -40,6 +40,9 @@ def data_config() -> ml_collections.ConfigDict:
     d.volumes_in_memory = 8  # decoded volumes kept in an LRU (shuffled slices revisit volumes)
     d.cache_dir = ""  # if set, normalised slices are cached there in ArrayRecord shards
     d.num_workers = 2  # Grain worker processes preparing batches; 0 = in the main process
+    d.index_workers = -1  # processes reading rows to build an index and writing the slice cache; -1 = one per core, 0 = here
+    d.index_dir = ""  # if set, index builds keep each finished row there, so an interrupted build resumes
+    d.index_from_headers = True  # True: without background skipping or masks, slices are counted from file headers
     d.demo_dir = ""  # where the demo dataset is written; empty = WORKDIR/demo_data
     d.demo_patients = 60  # built-in demo dataset: number of synthetic patients
     d.demo_slices = 16  # built-in demo dataset: axial slices per series

@@ -101,7 +101,13 @@ def index_options(config) -> dict:
         values = check_mask_values(values)
     except ValueError as e:
         raise ValueError(f"config.data.{e}") from None
-    return {"volume_index": d.volume_index, "mask_resample": d.mask_resample, "mask_values": values}
+    if isinstance(d.index_workers, bool) or not isinstance(d.index_workers, int) or d.index_workers < -1:
+        raise ValueError(f"config.data.index_workers={d.index_workers!r} must be -1 (one process per CPU core), "
+                         "0 (the main process) or a number of processes.")
+    if not isinstance(d.index_from_headers, bool):
+        raise ValueError(f"config.data.index_from_headers={d.index_from_headers!r} must be True or False.")
+    return {"volume_index": d.volume_index, "mask_resample": d.mask_resample, "mask_values": values,
+            "workers": d.index_workers, "index_dir": d.index_dir or None, "headers_only": d.index_from_headers}
 
 
 def split_rows(config, manifest_path: str, split: str, *, label_columns=(), extra_columns=(), masks=True):
@@ -145,7 +151,7 @@ def slice_source(config, manifest_path: str, split: str, *, label_columns=(), ex
             + (f" ({index.skipped['background_slices']} background slices skipped)"
                if index.skipped["background_slices"] else ""))
     if d.cache_dir and jax.process_index() == 0:
-        write_cache(index, d.cache_dir, fingerprint=fingerprint, say=say)
+        write_cache(index, d.cache_dir, fingerprint=fingerprint, say=say, workers=d.index_workers)
         return CachedRecords(d.cache_dir, fingerprint=fingerprint)
     return index
 
