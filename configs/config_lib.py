@@ -26,6 +26,9 @@ def data_config() -> ml_collections.ConfigDict:
     d = ml_collections.ConfigDict()
     d.manifest = ""  # CSV manifest of the user's scans; empty = the built-in demo dataset
     d.extra_columns = ""  # comma-separated manifest columns to accept besides the known ones
+    # JSON: which folds of the manifest's integer fold column are test and val, e.g. '{"test": [0], "val": [1]}'
+    # (folds not named -> train); empty = the manifest's split column
+    d.folds = ""
     d.slice_axis = "axial"  # axial | coronal | sagittal: 2D slices cut from each volume
     d.skip_background = True  # True: slices that are almost all background are left out of the index
     # Intensity normalisation per volume, JSON: {"method": "percentile", "low": .., "high": ..} (MRI,

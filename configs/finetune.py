@@ -75,6 +75,9 @@ def get_config(variant: str = ""):
     f.eval_every = 0  # steps between val evaluations; 0 = once per pass over the full training split
     f.keep = "best_val"  # best_val (best mean val balanced accuracy over targets) | last
     f.eval_batch = 128  # images (volumes) per batch when evaluating
+    # k-fold cross-validation on the manifest's fold column (folds 0..k-1): run k = cv_folds fine-tunings, fold
+    # i test and fold i+1 (mod k) val, each in WORKDIR/fold_<i>, then mean ± std of the test metrics; 0 = off
+    f.cv_folds = 0
 
     # The model built by init=random (otherwise only its spatial_dims is read) and the data section,
     # as in pretraining.

@@ -46,6 +46,9 @@ def get_config(variant: str = ""):
     c.probe.random_baseline = True  # also probe a randomly initialised backbone
     c.probe.knn_k = (10, 20, 100, 200)  # kNN on the CLS token (DINOv2's, T = 0.07) with these k; () = none
     c.probe.feature_batch = 64  # images per backbone call while precomputing features
+    # k-fold cross-validation on the manifest's fold column (folds 0..k-1): run k = cv_folds probes, fold i
+    # test and fold i+1 (mod k) val, each in WORKDIR/fold_<i>, then mean ± std of the test metrics; 0 = off
+    c.probe.cv_folds = 0
 
     # The evaluation data; same keys and meaning as the pretraining config's data section.
     c.data = config_lib.data_config()

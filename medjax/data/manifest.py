@@ -6,7 +6,17 @@ One row per image (a DICOM series folder, a DICOM file, a NIfTI file, a PNG/JPEG
 
 Relative paths resolve against the CSV's folder, so a dataset folder can move as
 a whole. `split` is train/val/test; instead, an integer `fold` column with a
-mapping from `fold_splits` gives cross-validation splits from one CSV.
+mapping of folds to splits gives cross-validation splits from one CSV: either
+every fold's split (`fold_splits`), or the folds of some splits with the others
+in train (`parse_folds` reads that form from JSON, e.g. {"test": [0], "val": [1]}).
+
+Label codes: a named-class column is numbered in sorted order, an integer column
+keeps its integers. An empty cell is `UNLABELLED` (-1). A `-1` in an integer
+column is CheXpert's "uncertain" and gets its own code, `UNCERTAIN` (-2), so code
+that reads uncertain labels can tell them from blank ones, while every reader that
+keeps codes >= 0 treats both as unlabelled; "-1" is not a class of the column
+(`Manifest.classes` and `label_values` leave it out). Other negative values are
+refused.
 
 Everything a user can get wrong in a CSV is found here, before any volume is
 read or any step is run, and reported all at once (not one problem per run):
@@ -20,10 +30,15 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import json
 import os
 from collections.abc import Iterable, Mapping, Sequence
 
 SPLITS = ("train", "val", "test")
+UNLABELLED = -1  # code of an empty label cell
+UNCERTAIN = -2  # code of a -1 cell in an integer label column ("uncertain", as in CheXpert)
+FOLDS_EXAMPLE = '{"test": [0], "val": [1]}'  # the JSON form of a fold mapping (folds not named -> train)
+MAKE_MANIFEST = "python -m medjax.data.make_manifest LAYOUT FOLDER --out manifest.csv"
 KNOWN_COLUMNS = ("patient_id", "path", "split", "fold", "mask_path", "series_uid")
 _SHOWN = 5  # offending rows listed per problem
 _SHOWN_MISSING = 50  # missing files: list (nearly) all, they are what the user must fix
@@ -38,11 +53,23 @@ class ManifestError(ValueError):
 
 
 @dataclasses.dataclass(frozen=True)
+class OptionNames:
+    """What messages call `load_manifest`'s options. A job passes its config keys (a user then reads
+    `config.probe.label_column`, not a Python argument); the defaults are neutral. An empty `labels`:
+    the caller has no label setting (pretraining), so messages do not point at one."""
+
+    labels: str = "the label-column option"
+    extra: str = "the extra-columns option"
+    folds: str = "the fold mapping"
+
+
+@dataclasses.dataclass(frozen=True)
 class ManifestRow:
     """One validated CSV row. `line` is its line number in the CSV (the header is line 1).
 
     `labels` holds (column, raw text) pairs and `codes` (column, integer class)
-    pairs, -1 for an empty cell; tuples keep the row hashable and picklable.
+    pairs, `UNLABELLED` for an empty cell and `UNCERTAIN` for an uncertain one;
+    tuples keep the row hashable and picklable.
     """
 
     line: int
@@ -56,7 +83,7 @@ class ManifestRow:
     codes: tuple[tuple[str, int], ...] = ()
 
     def label(self, column: str) -> int:
-        """Integer class of this row in `column` (-1 when the cell is empty)."""
+        """Integer class of this row in `column` (< 0: `UNLABELLED` or `UNCERTAIN`)."""
         for name, code in self.codes:
             if name == column:
                 return code
@@ -131,7 +158,62 @@ def _read_csv(csv_path: str) -> tuple[list[str], list[tuple[int, list[str]]]]:
     return header, rows
 
 
-def _check_header(csv_path, header, label_columns, ignore_columns, require_split, folds):
+def parse_folds(text: str, key: str = "the fold mapping") -> dict[str, tuple[int, ...]] | None:
+    """``{split: folds}`` from JSON such as ``{"test": [0], "val": [1]}`` (folds not named are train), or
+    None for an empty text; a mistake ends in one sentence naming ``key``."""
+    if not text.strip():
+        return None
+    fix = f"give a JSON object from split to folds, e.g. '{FOLDS_EXAMPLE}' (folds not named are train)"
+    try:
+        named = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{key} is not valid JSON ({e.msg}): {text!r}; {fix}.") from None
+    if not isinstance(named, dict) or not named:
+        raise ValueError(f"{key}={text!r} is not a JSON object naming at least one split; {fix}.")
+    unknown = [k for k in named if k not in SPLITS]
+    if unknown:
+        raise ValueError(f"{key} names unknown split(s) {', '.join(map(repr, unknown))}; use "
+                         f"{', '.join(SPLITS)}, e.g. '{FOLDS_EXAMPLE}'.")
+    out, owner = {}, {}
+    for split, folds in named.items():
+        folds = [folds] if isinstance(folds, int) and not isinstance(folds, bool) else folds
+        if not isinstance(folds, list) or not all(isinstance(f, int) and not isinstance(f, bool) and f >= 0
+                                                  for f in folds):
+            raise ValueError(f"{key} gives {split} {json.dumps(named[split])}; list the split's folds as "
+                             f"non-negative integers, e.g. '{FOLDS_EXAMPLE}'.")
+        for f in folds:
+            if owner.setdefault(f, split) != split:
+                raise ValueError(f"{key} puts fold {f} in both {owner[f]} and {split}; give each fold one split.")
+        out[split] = tuple(dict.fromkeys(folds))
+    return out
+
+
+def check_manifest_path(path: str, key: str | None = None, need: str = "") -> str:
+    """``path`` when it is a file; else one sentence naming ``key`` (a config key; None: "manifest")
+    and the fix, ``need`` saying what the manifest must hold (e.g. " with a label column")."""
+    name = f"{key}={path!r}" if key else f"manifest {path}"
+    full = os.path.abspath(os.path.expanduser(path))
+    if os.path.isdir(full):
+        inside = os.path.join(path, "manifest.csv")
+        hint = f" (such as {inside}, which exists)" if os.path.isfile(os.path.join(full, "manifest.csv")) else ""
+        raise ManifestError(f"{name} is a folder, not a manifest; give the CSV manifest file{hint}{need}, or "
+                            f"write one for a folder of a public dataset layout with `{MAKE_MANIFEST}`.")
+    if not os.path.isfile(full):
+        raise ManifestError(f"{name} does not exist; give the path of a CSV manifest{need}.")
+    return path
+
+
+def manifest_folds(csv_path: str) -> tuple[int, ...] | None:
+    """The distinct whole-number folds of a manifest's fold column (cells that are no whole number are
+    left to `load_manifest` to report), or None when it has no fold column."""
+    header, rows = _read_csv(csv_path)
+    if "fold" not in header:
+        return None
+    at = header.index("fold")
+    return tuple(sorted({int(c[at]) for _, c in rows if len(c) > at and c[at].isdigit()}))
+
+
+def _check_header(csv_path, header, label_columns, ignore_columns, require_split, folds, names):
     """Column problems make every row unreadable, so they are raised at once, before any row check."""
     name = os.path.basename(csv_path)
     if not header:
@@ -142,41 +224,70 @@ def _check_header(csv_path, header, label_columns, ignore_columns, require_split
     for col in label_columns:
         if col not in header:
             raise ManifestError(f"label column {col!r} is not in the header of {name} (line 1 has: "
-                                f"{', '.join(header)}); fix label_columns or the CSV header.")
+                                f"{', '.join(header)}); fix {names.labels or 'the label columns'} or the CSV header.")
         if col in KNOWN_COLUMNS:
             raise ManifestError(f"label column {col!r} is one of the manifest's own columns; rename it.")
     unknown = [h for h in header if h not in KNOWN_COLUMNS and h not in label_columns and h not in ignore_columns]
     if unknown:
         raise ManifestError(f"{name} line 1 has unknown column(s) {', '.join(map(repr, unknown))}; known columns "
-                            f"are {', '.join(KNOWN_COLUMNS)}, plus the ones you pass in label_columns "
-                            f"(or ignore_columns to keep a column out of the data); rename, remove or name them.")
+                            f"are {', '.join(KNOWN_COLUMNS)}; "
+                            + (f"name label columns in {names.labels} and " if names.labels else "name ")
+                            + f"columns to accept but leave out of the data in {names.extra}, or rename or remove "
+                            "them.")
     missing = [c for c in ("patient_id", "path") if c not in header]
     if missing:
         raise ManifestError(f"{name} line 1 lacks the required column(s) {', '.join(missing)}; add them.")
     if folds is not None and "fold" not in header:
-        raise ManifestError(f"folds were given but {name} has no 'fold' column; add one or drop folds=.")
+        raise ManifestError(f"{names.folds} is set but {name} has no 'fold' column; add one (a whole number per "
+                            f"row, all rows of a patient in one fold) or leave {names.folds} empty.")
     if folds is not None and "split" in header:
-        raise ManifestError(f"{name} has a 'split' column and folds were given too; use one or the other.")
+        raise ManifestError(f"{name} has a 'split' column and {names.folds} is set too; use one of them: remove "
+                            f"the split column, or leave {names.folds} empty to use it.")
     if require_split and "split" not in header and folds is None:
-        hint = " (it has 'fold': pass folds=fold_splits(...))" if "fold" in header else ""
-        raise ManifestError(f"{name} has no 'split' column{hint}; add split (train/val/test), or a fold column "
-                            "with folds=..., or pass require_split=False for unsplit data.")
+        if "fold" in header:
+            raise ManifestError(f"{name} has a 'fold' column but no 'split' column; set {names.folds} to say which "
+                                f"folds are test and val, e.g. '{FOLDS_EXAMPLE}' (the other folds train).")
+        raise ManifestError(f"{name} has no 'split' column; add one (train, val or test per row), or a 'fold' "
+                            f"column with {names.folds}.")
+
+
+def _full_fold_mapping(folds, present: Sequence[int], name: str, names: OptionNames) -> dict[int, str]:
+    """Every fold's split: ``folds`` as it is, or its ``{split: folds}`` form with the manifest's other
+    folds in train (a named fold the manifest lacks is refused: a typo would silently empty a split)."""
+    if all(isinstance(k, int) for k in folds):
+        return dict(folds)
+    named = {f: split for split, fs in folds.items() for f in fs}
+    absent = sorted(set(named) - set(present))
+    if absent:
+        raise ManifestError(f"{names.folds} names fold(s) {', '.join(map(str, absent))} that the fold column of "
+                            f"{name} does not hold (it holds {', '.join(map(str, present)) or 'none'}); name "
+                            "folds of the manifest.")
+    return {f: named.get(f, "train") for f in present}
 
 
 def _encode(values: Iterable[str]) -> dict[str, int]:
     """Class codes of a label column: integer-valued columns keep their integers (class 2 stays 2
-    when class 1 is absent from this CSV); named classes are numbered in sorted order."""
+    when class 1 is absent from this CSV), and their -1 is uncertain, no class; named classes are
+    numbered in sorted order."""
     distinct = sorted({v for v in values if v})
     if all(v.lstrip("-").isdigit() for v in distinct):
-        return {v: int(v) for v in distinct}
+        return {v: int(v) for v in distinct if v != "-1"}
     return {v: i for i, v in enumerate(distinct)}
+
+
+def _code(classes: Mapping[str, int], text: str) -> int:
+    if not text:
+        return UNLABELLED
+    return UNCERTAIN if text == "-1" and text not in classes else classes[text]
 
 
 def _split_and_fold(cell: dict, folds, require_split: bool) -> tuple[str, int | None, str | None]:
     """(split, fold, problem) of one row: the split column, or the fold column mapped through `folds`."""
     text = cell.get("fold", "")
-    fold = int(text) if text.lstrip("-").isdigit() else None
+    fold = int(text) if text.isdigit() else None
     if folds is not None:
+        if fold is None:
+            return "", None, f"fold {text!r} is not a whole number"
         if fold not in folds:
             return "", fold, f"fold {text!r} is not one of {sorted(folds)}"
         return folds[fold], fold, None
@@ -187,25 +298,30 @@ def _split_and_fold(cell: dict, folds, require_split: bool) -> tuple[str, int | 
 
 
 def load_manifest(csv_path: str, *, label_columns: Sequence[str] = (), require_split: bool = True,
-                  folds: Mapping[int, str] | None = None, ignore_columns: Sequence[str] = (),
-                  check_files: bool = True, masks: bool = True) -> Manifest:
+                  folds: Mapping[int, str] | Mapping[str, Sequence[int]] | None = None,
+                  ignore_columns: Sequence[str] = (), check_files: bool = True, masks: bool = True,
+                  names: OptionNames = OptionNames()) -> Manifest:
     """Read and validate a manifest CSV; raise one `ManifestError` listing every problem found.
 
-    `folds` maps the `fold` column to splits (see `fold_splits`). With
+    `folds` maps the `fold` column to splits: every fold's split (`fold_splits`), or
+    ``{split: folds}`` with the manifest's other folds in train (`parse_folds`). With
     `require_split=False` rows may have no split (pretraining on unlabeled data);
     a patient still may not span two named splits. `check_files=False` skips the
     existence check (for a manifest prepared on another machine). `masks=False`
     leaves the mask_path column out: its cells are neither checked nor kept (for
-    jobs that read images only, such as pretraining).
+    jobs that read images only, such as pretraining). `names` says what messages
+    call the options (a job's config keys).
     """
-    csv_path = os.path.abspath(os.path.expanduser(csv_path))
-    if not os.path.isfile(csv_path):
-        raise ManifestError(f"manifest {csv_path} does not exist; check the path.")
+    csv_path = os.path.abspath(os.path.expanduser(check_manifest_path(csv_path)))
     label_columns, name = tuple(label_columns), os.path.basename(csv_path)
     header, raw_rows = _read_csv(csv_path)
-    _check_header(csv_path, header, label_columns, tuple(ignore_columns), require_split, folds)
+    _check_header(csv_path, header, label_columns, tuple(ignore_columns), require_split, folds, names)
     if not raw_rows:
         raise ManifestError(f"{name} has a header but no rows; add one row per image.")
+    if folds is not None:
+        at = header.index("fold")
+        present = sorted({int(c[at]) for _, c in raw_rows if len(c) == len(header) and c[at].isdigit()})
+        folds = _full_fold_mapping(folds, present, name, names)
     root = os.path.dirname(csv_path)
 
     def resolve(p: str) -> str:
@@ -257,8 +373,9 @@ def load_manifest(csv_path: str, *, label_columns: Sequence[str] = (), require_s
            "quote cells that contain commas or fix the row.")
     report("empty", issues["empty"], f"{len(issues['empty'])} row(s) of {name} have an empty patient_id or path; "
            "fill them in or remove the rows.")
-    report("split", issues["split"], f"{len(issues['split'])} row(s) of {name} have an unknown split; use one of "
-           f"{', '.join(SPLITS)}" + (" (or a fold in folds=)" if folds is not None else "") + ".")
+    report("split", issues["split"], f"{len(issues['split'])} row(s) of {name} have " + (
+        f"a fold that {names.folds} does not place; give every row a whole-number fold of the mapping."
+        if folds is not None else f"an unknown split; use one of {', '.join(SPLITS)}."))
     report("duplicate", dupes, f"{len(dupes)} row(s) of {name} repeat an image listed earlier (same path and "
            "series_uid), which would count it twice; remove the repeats.")
     report("patient_in_two_splits",
@@ -282,10 +399,11 @@ def load_manifest(csv_path: str, *, label_columns: Sequence[str] = (), require_s
         bad = [(r["line"], f"line {r['line']}: {r['labels'][i][1]}") for r in parsed
                if classes[c].get(r["labels"][i][1], 0) < 0]
         if bad:
-            raise ManifestError(f"label column {c!r} of {name} has negative values; use non-negative integers or "
-                                f"class names, and leave a cell empty for an unlabeled row.\n{_listing(bad)}",
+            raise ManifestError(f"label column {c!r} of {name} has negative values other than -1 (uncertain); use "
+                                "non-negative integers or class names, -1 for an uncertain label, and leave a cell "
+                                f"empty for an unlabeled row.\n{_listing(bad)}",
                                 {"negative_label": [line for line, _ in bad]})
-    rows = [ManifestRow(**r, codes=tuple((c, classes[c].get(t, -1)) for c, t in r["labels"])) for r in parsed]
+    rows = [ManifestRow(**r, codes=tuple((c, _code(classes[c], t)) for c, t in r["labels"])) for r in parsed]
     return Manifest(rows, csv_path, classes)
 
 
@@ -301,7 +419,7 @@ def check_labels(manifest: Manifest, column: str) -> dict[str, dict[str, int]]:
     manifest.label_values(column)  # a KeyError naming the loaded columns when `column` is not one
     for r in manifest:
         text = dict(r.labels)[column]
-        if text and r.split in counts:
+        if r.label(column) >= 0 and r.split in counts:
             counts[r.split][text] = counts[r.split].get(text, 0) + 1
             lines.setdefault((r.split, text), []).append(r.line)
     orphans = [(s, c) for s in ("val", "test") for c in counts[s] if c not in counts["train"]]

@@ -22,7 +22,7 @@ from medjax import sharding
 from medjax.data.cache import CachedRecords, cache_is_valid, write_cache
 from medjax.data.demo import DEMO_LAYOUT_VERSION, write_demo_dataset
 from medjax.data.label_maps import check_mask_values
-from medjax.data.manifest import load_manifest
+from medjax.data import job_manifest
 from medjax.data.slices import SliceIndex, VolumeIndex
 
 DEMO_COLUMNS = ("lesion", "contrast", "series_description")  # the demo manifest's label and extra columns
@@ -111,7 +111,8 @@ def index_options(config) -> dict:
 
 
 def split_rows(config, manifest_path: str, split: str, *, label_columns=(), extra_columns=(), masks=True):
-    """``(normalisation dict, rows)`` of one split of a manifest: what slice and volume sources start from.
+    """``(normalisation dict, rows)`` of one split of a manifest (``config.data.folds`` mapping a fold column
+    to splits): what slice and volume sources start from.
 
     ``masks=False`` leaves the mask_path column out (neither checked nor read), for jobs that read images only."""
     d = config.data
@@ -119,13 +120,13 @@ def split_rows(config, manifest_path: str, split: str, *, label_columns=(), extr
         normalisation = json.loads(d.normalisation)
     except json.JSONDecodeError as e:
         raise ValueError(f"config.data.normalisation is not valid JSON ({e.msg}): {d.normalisation!r}.") from None
-    ignore = tuple(c for c in d.extra_columns.split(",") if c) + tuple(extra_columns)
-    manifest = load_manifest(manifest_path, label_columns=label_columns,
-                             ignore_columns=tuple(c for c in ignore if c not in label_columns), masks=masks)
+    manifest = job_manifest.open_manifest(config, manifest_path, label_columns=label_columns, extra=extra_columns,
+                                          masks=masks)
     rows = manifest.split(split)
     if not len(rows):
+        where = "config.data.folds" if job_manifest.data_folds(config) else "its split column"
         raise ValueError(f"The manifest {manifest_path} has no rows in the {split!r} split; add some or fix "
-                         "its split column.")
+                         f"{where}.")
     return normalisation, rows
 
 
@@ -138,7 +139,7 @@ def slice_source(config, manifest_path: str, split: str, *, label_columns=(), ex
     normalisation, rows = split_rows(config, manifest_path, split, label_columns=label_columns,
                                      extra_columns=extra_columns, masks=masks)
     fingerprint = {"manifest": os.path.abspath(manifest_path), "mtime": os.path.getmtime(manifest_path),
-                   "split": split, "axis": d.slice_axis, "normalisation": normalisation,
+                   "split": split, "folds": d.folds, "axis": d.slice_axis, "normalisation": normalisation,
                    "skip_background": d.skip_background, "labels": list(label_columns),
                    "target_spacing": list(d.target_spacing), "volume_index": d.volume_index}
     if d.cache_dir and cache_is_valid(d.cache_dir, fingerprint):
@@ -161,10 +162,9 @@ def training_manifest(config, workdir: str, say=None) -> tuple[str, tuple[str, .
     manifest, or the demo dataset's (written first if needed)."""
     if not config.data.manifest:
         return demo_manifest(config, workdir, say), DEMO_COLUMNS
-    if not os.path.exists(config.data.manifest):
-        raise FileNotFoundError(f"config.data.manifest={config.data.manifest!r} does not exist; give the path "
-                                "of a CSV manifest (columns patient_id, path, split, ...).")
-    return config.data.manifest, ()
+    path = job_manifest.manifest_path(config.data.manifest, "config.data.manifest",
+                                      " (columns patient_id, path, split, ...)")
+    return path, ()
 
 
 def training_source(config, workdir: str, say=None):

@@ -3,8 +3,10 @@
 Slices come from the manifest through the slice index (``slice_source``), as for
 pretraining, and are held in memory at their native size, normalised to [0, 1]:
 the train transform crops them afresh at every step, the eval transform is
-applied once. A row's label for a target is -1 when its cell is empty; a head
-is trained and evaluated only on the rows labelled for it.
+applied once. A row's label for a target is negative when its cell is empty or
+uncertain (``medjax.data.manifest``); a head is trained and evaluated only on the
+rows labelled for it. The splits come from the manifest's split column, or from its
+fold column through ``config.data.folds``.
 
 With the built-in demo dataset the ``lesion`` target is slice-level: a slice
 shows its patient's lesion class when the lesion mask appears on it, else
@@ -21,13 +23,13 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import os
 
 import numpy as np
 
 from medjax import console
 from medjax.data.demo import LESION_CLASSES
-from medjax.data.manifest import ManifestError, check_labels, load_manifest
+from medjax.data.job_manifest import manifest_path, open_manifest
+from medjax.data.manifest import check_labels
 from medjax.data.sources import DEMO_COLUMNS, demo_manifest, slice_source, use_run_demo_data, volume_source
 
 SPLITS = ("train", "val", "test")
@@ -51,10 +53,7 @@ def resolve_manifest(config, workdir: str, run_dir: str | None) -> tuple[str, bo
     """(manifest path, is the built-in demo); the demo files of ``run_dir`` are reused when identical."""
     f = config.finetune
     if f.manifest:
-        if not os.path.exists(f.manifest):
-            raise FileNotFoundError(f"config.finetune.manifest={f.manifest!r} does not exist; give the path of a "
-                                    "CSV manifest with label columns.")
-        return f.manifest, False
+        return manifest_path(f.manifest, "config.finetune.manifest", " with label columns"), False
     if run_dir:
         use_run_demo_data(config, run_dir)
     return demo_manifest(config, workdir, say=console.say), True
@@ -83,25 +82,21 @@ def _class_names(manifest, column: str, demo_lesion: bool) -> tuple:
 def load_splits(config, workdir: str, run_dir: str | None = None, *, volumes: bool = False):
     """({split: Split}, [Target]) for the config's manifest (or the demo) and targets; one example per
     slice, or with ``volumes`` one per manifest row (its whole volume)."""
-    manifest_path, demo = resolve_manifest(config, workdir, run_dir)
+    path, demo = resolve_manifest(config, workdir, run_dir)
     columns = target_columns(config, demo)
-    with open(manifest_path, newline="") as f:
+    with open(path, newline="") as f:
         header = next(csv.reader(f), [])
     for column in columns:
         if column not in header:
-            raise ValueError(f"config.finetune.targets names {column!r}, which is not a column of {manifest_path} "
+            raise ValueError(f"config.finetune.targets names {column!r}, which is not a column of {path} "
                              f"(it has {', '.join(header)}); name its label columns.")
     extra = tuple(c for c in DEMO_COLUMNS if c not in columns and c in header) if demo else ()
-    user_extra = tuple(c for c in config.data.extra_columns.split(",") if c and c not in columns)
-    try:
-        manifest = load_manifest(manifest_path, label_columns=columns, ignore_columns=extra + user_extra)
-        for column in columns:
-            check_labels(manifest, column)
-    except ManifestError as e:
-        raise ValueError(str(e).splitlines()[0]) from None
+    manifest = open_manifest(config, path, label_columns=columns, label_key="config.finetune.targets", extra=extra)
+    for column in columns:
+        check_labels(manifest, column)
     demo_lesion = [demo and c == "lesion" for c in columns]
     slice_rule = [rule and not volumes for rule in demo_lesion]
-    splits = {s: _read_split(config, manifest_path, s, columns, slice_rule, extra, volumes) for s in SPLITS}
+    splits = {s: _read_split(config, path, s, columns, slice_rule, extra, volumes) for s in SPLITS}
     targets = []
     for t, column in enumerate(columns):
         names = _class_names(manifest, column, demo_lesion[t])
@@ -110,7 +105,7 @@ def load_splits(config, workdir: str, run_dir: str | None = None, *, volumes: bo
         elif demo_lesion[t]:
             description = "demo lesion class of the patient, on each of its volumes"
         else:
-            description = f"label column {column!r} of {manifest_path}"
+            description = f"label column {column!r} of {path}"
         targets.append(Target(column, names, description))
         _check_split_labels(splits, t, column, names, "volume" if volumes else "slice")
     return splits, targets
@@ -147,7 +142,7 @@ def _check_split_labels(splits, t: int, column: str, names, unit: str) -> None:
                              f"labelled train, val and test {unit}s.")
     seen = set(splits["train"].labels[:, t].tolist())
     for s in ("val", "test"):
-        orphans = sorted(set(splits[s].labels[:, t].tolist()) - seen - {-1})
+        orphans = sorted(c for c in set(splits[s].labels[:, t].tolist()) - seen if c >= 0)
         if orphans:
             raise ValueError(f"Class(es) {', '.join(names[c] for c in orphans)} of target {column!r} occur in {s} "
                              f"{unit}s but in no train {unit}, so no head can learn them; add training patients of "

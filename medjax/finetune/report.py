@@ -36,6 +36,13 @@ def summarise_runs(runs: list, targets: list, unit: str = "slices") -> list:
     return rows
 
 
+def test_metrics(results: dict) -> dict[str, dict[str, float]]:
+    """Every test metric of a fine-tuning run, ``{"init, fraction f, target": {metric: mean over seeds}}``
+    (what a cross-validation summarises over its folds)."""
+    return {f"{r['init']}, fraction {r['fraction']:g}, {r['target']}": {m: r[m]["mean"] for m in METRICS}
+            for r in results["summary"]}
+
+
 def _pm(s: dict, fmt: str = ".3f") -> str:
     if len(s["values"]) > 1:
         return f"{s['mean']:{fmt}} ± {s['std']:{fmt}}"

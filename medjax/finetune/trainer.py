@@ -14,7 +14,9 @@ is seen ten times as often. Val is evaluated every ``eval_every`` steps; with
 ``keep="best_val"`` the parameters with the best mean val balanced accuracy over
 the targets are the ones tested. Results: ``results.json``, ``results.md``,
 confusion matrices, training curves, the few-label curve, and an orbax
-checkpoint of the main init's model (largest fraction, first seed).
+checkpoint of the main init's model (largest fraction, first seed). With
+``cv_folds`` all of this runs once per fold of the manifest's fold column
+(``medjax.cross_validation``).
 
 A 3D backbone (a pretraining run with ``config.model.spatial_dims=3``, or
 ``init=random`` with it) is fine-tuned on whole volumes: one example per
@@ -36,7 +38,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from medjax import console, metrics, runs
+from medjax import console, cross_validation, metrics, runs
 from medjax.batching import map_batched
 from medjax.checkpoint import (Checkpointer, checkpoints_dir, content_hash, dumps_config, host_arrays, saved_steps,
                                step_dir, tree_fingerprint)
@@ -286,8 +288,17 @@ def _check_3d(config) -> None:
 
 
 def run(config, workdir: str) -> dict:
-    """Fine-tunes every init on every label fraction and seed; writes the results to ``workdir``."""
+    """Fine-tunes every init on every label fraction and seed; writes the results to ``workdir``; with
+    ``finetune.cv_folds`` once per fold, then the summary over the folds."""
     validate(config)
+    if config.finetune.cv_folds:
+        return cross_validation.run_folds(config, workdir, section="finetune", run_job=run,
+                                          test_metrics=report.test_metrics, title="Fine-tuning")
+    return fine_tune(config, workdir)
+
+
+def fine_tune(config, workdir: str) -> dict:
+    """Fine-tuning on the config's splits (see ``run``)."""
     f = config.finetune
     if saved_steps(workdir):
         raise ValueError(f"{checkpoints_dir(workdir)} already holds a fine-tuned model; choose a fresh --workdir.")

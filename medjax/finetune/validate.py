@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from medjax.cross_validation import check_cv_folds
 from medjax.data import fractions
+from medjax.data.job_manifest import data_folds
 from medjax.data.sources import index_options
 
 INITS = ("checkpoint", "official", "random")
@@ -15,7 +17,9 @@ KEEP = ("best_val", "last")
 def validate(config) -> None:
     """One sentence naming the first bad value."""
     index_options(config)  # config.data's volume_index, mask_resample, mask_values
+    data_folds(config)
     f = config.finetune
+    check_cv_folds(f.cv_folds, "config.finetune.cv_folds")
     if f.init not in INITS:
         raise ValueError(f"config.finetune.init={f.init!r} is not valid; choose one of {', '.join(INITS)}.")
     if f.official_kind not in OFFICIAL_KINDS:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from medjax import sharding
+from medjax.data.job_manifest import data_folds
 from medjax.data.sources import check_slice_cache, index_options
 from medjax.distributed import check_distributed_config
 from medjax.models.vit import MODELS
@@ -74,5 +75,6 @@ def validate(c) -> None:
                          f"{c.optim.epochs}; shorten the warm-up.")
     check_slice_cache(c)
     index_options(c)  # config.data's volume_index, mask_resample, mask_values
+    data_folds(c)  # config.data.folds
     sharding.check_mesh_config(c.mesh)
     check_distributed_config(c.distributed)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from medjax import sharding
+from medjax.data.job_manifest import data_folds
 from medjax.data.sources import check_slice_cache, index_options
 from medjax.distributed import check_distributed_config
 from medjax.probe import validate_evals
@@ -74,6 +75,7 @@ def validate(c) -> None:
         raise ValueError(f"config.model.spatial_dims={c.model.spatial_dims!r} must be 2 (slices) or 3 (volumes).")
     check_slice_cache(c)
     index_options(c)  # config.data's volume_index, mask_resample, mask_values
+    data_folds(c)  # config.data.folds
     sharding.check_mesh_config(c.mesh)
     check_distributed_config(c.distributed)
     if c.model.embed_dim is not None and c.model.num_heads is not None and c.model.embed_dim % c.model.num_heads:

@@ -1,14 +1,15 @@
 """What the probe evaluates on: the labelled train / val / test slices of ``config.probe``'s manifest
-(or of the demo dataset, reusing a pretraining run's files when they are the same dataset)."""
+(or of the demo dataset, reusing a pretraining run's files when they are the same dataset), its splits
+from the split column or from the fold column through ``config.data.folds``."""
 
 from __future__ import annotations
 
 import csv
-import os
 
 from medjax.data.demo import LESION_CLASSES
 from medjax.data.labelled import split_examples
-from medjax.data.manifest import ManifestError, check_labels, load_manifest
+from medjax.data.job_manifest import manifest_path, open_manifest
+from medjax.data.manifest import check_labels
 from medjax.data.sources import DEMO_COLUMNS, demo_manifest, use_run_demo_data
 from medjax import console
 
@@ -21,10 +22,7 @@ def load_splits(config, workdir: str, run_dir: str):
         use_run_demo_data(config, run_dir)
         manifest = demo_manifest(config, workdir, say=console.say)
     else:
-        manifest = p.manifest
-        if not os.path.exists(manifest):
-            raise FileNotFoundError(f"config.probe.manifest={manifest!r} does not exist; give the path of a CSV "
-                                    "manifest with a label column.")
+        manifest = manifest_path(p.manifest, "config.probe.manifest", " with a label column")
     columns = tuple(c.strip() for c in (p.label_column or ("lesion" if demo else "")).split(",") if c.strip())
     if not columns:
         raise ValueError("config.probe.label_column is empty; name the manifest column that holds the labels "
@@ -38,13 +36,10 @@ def load_splits(config, workdir: str, run_dir: str):
     multilabel = len(columns) > 1
     demo_rule = demo and not p.label_column
     ignore = tuple(c for c in DEMO_COLUMNS if c not in columns and c in header)
-    try:
-        loaded = load_manifest(manifest, label_columns=columns, ignore_columns=ignore
-                               + tuple(c for c in config.data.extra_columns.split(",") if c and c not in columns))
-        if not multilabel:
-            check_labels(loaded, columns[0])
-    except ManifestError as e:
-        raise ValueError(str(e).splitlines()[0]) from None
+    loaded = open_manifest(config, manifest, label_columns=columns, label_key="config.probe.label_column",
+                           extra=ignore)
+    if not multilabel:
+        check_labels(loaded, columns[0])
     if multilabel:
         for column in columns:
             values = set(loaded.label_values(column))

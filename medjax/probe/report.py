@@ -64,6 +64,21 @@ def knn_table(results: dict) -> str:
     return "\n".join(rows) + "\n"
 
 
+def test_metrics(results: dict) -> dict[str, dict[str, float]]:
+    """Every test figure of a probe run, ``{backbone: {metric: value}}``: the best head's scores, kNN per k
+    and the few-label means per fraction (what a cross-validation summarises over its folds)."""
+    out = {}
+    for name, r in results["backbones"].items():
+        scores = {m: float(v) for m, v in r["test"].items() if isinstance(v, float)}
+        for k, knn in (r.get("knn") or {}).items():
+            scores.update({f"kNN k={k} {m}": float(knn[m]) for m in ("accuracy", "balanced_accuracy", "macro_f1")})
+        for entry in r.get("few_labels") or ():
+            scores.update({f"{entry['fraction']:.0%} of train patients: {m}": s["mean"]
+                           for m, s in entry["test"].items()})
+        out[name] = scores
+    return out
+
+
 def plot_lr_curves(results: dict, path: str) -> None:
     """Final val score against the learning rate, one line per layout, one panel per backbone."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg

@@ -33,7 +33,7 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
-from medjax import console, metrics, runs
+from medjax import console, cross_validation, metrics, runs
 from medjax.batching import map_batched
 from medjax.checkpoint import content_hash
 from medjax.data.augment import crop_box
@@ -309,8 +309,17 @@ def backbones_to_probe(config, run_dir: str):
 
 def run(config, workdir: str) -> dict:
     """Probes each run's pretrained backbone (and a random-init one of each) under one protocol, on one task,
-    and writes the results side by side to ``workdir``."""
+    and writes the results side by side to ``workdir``; with ``probe.cv_folds`` once per fold, then the
+    summary over the folds."""
     validate(config)
+    if config.probe.cv_folds:
+        return cross_validation.run_folds(config, workdir, section="probe", run_job=run,
+                                          test_metrics=probe_report.test_metrics, title="Linear probe")
+    return probe_runs(config, workdir)
+
+
+def probe_runs(config, workdir: str) -> dict:
+    """The probe of every run in ``config.probe.checkpoint_dir`` on the config's splits (see ``run``)."""
     p = config.probe
     say = console.say
     dirs = run_dirs(config)

@@ -3,7 +3,9 @@ inside a pretraining run): one sentence naming the first bad value."""
 
 from __future__ import annotations
 
+from medjax.cross_validation import check_cv_folds
 from medjax.data.fractions import validate_fractions
+from medjax.data.job_manifest import data_folds
 from medjax.data.sources import index_options
 
 SELECTIONS = {False: ("accuracy", "balanced_accuracy"), True: ("mean_auc",)}  # by multilabel
@@ -13,7 +15,9 @@ FEATURE_MODES = ("precomputed", "augmented")
 def validate(config) -> None:
     """One sentence naming the first bad value."""
     index_options(config)  # config.data's volume_index, mask_resample, mask_values
+    data_folds(config)
     p = config.probe
+    check_cv_folds(p.cv_folds, "config.probe.cv_folds")
     if not p.checkpoint_dir:
         raise ValueError("config.probe.checkpoint_dir is empty; set it to the --workdir of a pretraining run "
                          "(the folder that holds checkpoints/).")

@@ -27,7 +27,7 @@ from PIL import Image
 from medjax import console
 from medjax.data import fractions
 from medjax.data.demo import LESION_CLASSES
-from medjax.data.manifest import ManifestError, load_manifest
+from medjax.data.job_manifest import manifest_path, open_manifest
 from medjax.readers import read_image
 from medjax.data.labelled import eval_transform
 from medjax.data.sources import DEMO_COLUMNS, demo_manifest, slice_source, use_run_demo_data
@@ -105,10 +105,7 @@ def read_manifest(config, workdir: str, run_dir: str, say=console.say) -> Manife
         if s.demo_masks == "tissue":  # the same rows with the tissue label maps as masks
             manifest = os.path.join(os.path.dirname(manifest), "manifest_tissue.csv")
     else:
-        manifest = s.manifest
-        if not os.path.exists(manifest):
-            raise FileNotFoundError(f"config.segment.manifest={manifest!r} does not exist; give the path of a CSV "
-                                    "manifest whose rows have a mask_path.")
+        manifest = manifest_path(s.manifest, "config.segment.manifest", " whose rows have a mask_path")
     with open(manifest, newline="") as f:
         header = next(csv.reader(f), [])
     classify = s.classification_weight > 0
@@ -121,12 +118,8 @@ def read_manifest(config, workdir: str, run_dir: str, say=console.say) -> Manife
                          f"{', '.join(header)}); name one of its label columns.")
     label_columns = (column,) if classify else ()
     extra = tuple(c for c in DEMO_COLUMNS if c not in label_columns) if demo else ()
-    ignore = tuple(c for c in config.data.extra_columns.split(",") if c) + extra
-    try:
-        rows = load_manifest(manifest, label_columns=label_columns,
-                             ignore_columns=tuple(c for c in ignore if c not in label_columns))
-    except ManifestError as e:
-        raise ValueError(str(e).splitlines()[0]) from None
+    rows = open_manifest(config, manifest, label_columns=label_columns,
+                         label_key="config.segment.label_column" if classify else "", extra=extra)
     for row in rows:
         if row.split in SPLITS and not row.mask_path:
             raise ValueError(f"Line {row.line} of {manifest} ({row.path}) has no mask_path; segmentation needs a "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from medjax.data.demo import TISSUE_CLASSES
+from medjax.data.job_manifest import data_folds
 from medjax.data.sources import index_options
 
 HEADS = ("linear", "decoder")
@@ -13,6 +14,7 @@ EMPTY_RULES = ("nan", "one")
 def validate(config) -> None:
     """One sentence naming the first bad value."""
     index_options(config)  # config.data's volume_index, mask_resample, mask_values
+    data_folds(config)  # config.data.folds
     s = config.segment
     if bool(s.checkpoint_dir) == bool(s.official_weights):
         raise ValueError("Set exactly one of config.segment.checkpoint_dir (the --workdir of a pretraining run) "

@@ -2,9 +2,11 @@
 
 import os
 
+import numpy as np
 import pytest
 
-from medjax.data.manifest import ManifestError, check_labels, fold_splits, load_manifest
+from medjax.data.manifest import (UNCERTAIN, UNLABELLED, ManifestError, OptionNames, check_labels, fold_splits,
+                                  load_manifest, parse_folds)
 
 
 def _write(tmp_path, text, files=(), name="manifest.csv"):
@@ -76,7 +78,8 @@ def test_unknown_column_lists_known_ones(tmp_path):
         load_manifest(csv)
     msg = str(exc.value)
     assert "line 1 has unknown column(s) 'age'" in msg
-    assert "patient_id, path, split, fold, mask_path, series_uid" in msg and "label_columns" in msg
+    assert "patient_id, path, split, fold, mask_path, series_uid" in msg and "the label-column option" in msg
+    assert "label_columns" not in msg and "ignore_columns" not in msg  # option names, not Python arguments
     assert len(load_manifest(csv, ignore_columns=("age",))) == 1
     assert load_manifest(csv, label_columns=("age",))[0].label("age") == 40
 
@@ -170,7 +173,7 @@ def test_folds_give_splits_and_keep_patients_together(tmp_path):
     csv = _write(tmp_path, "patient_id,path,fold\np1,a.nii,0\np2,b.nii,1\np3,c.nii,2\np3,d.nii,2", files)
     m = load_manifest(csv, folds=fold_splits(3, test_fold=1, val_fold=2))
     assert [(r.split, r.fold) for r in m] == [("train", 0), ("test", 1), ("val", 2), ("val", 2)]
-    with pytest.raises(ManifestError, match=r"has no 'split' column \(it has 'fold': pass folds=fold_splits"):
+    with pytest.raises(ManifestError, match=r"has a 'fold' column but no 'split' column; set the fold mapping"):
         load_manifest(csv)
     bad = _write(tmp_path, "patient_id,path,fold\np1,a.nii,0\np1,b.nii,1\np2,c.nii,7", files, "bad.csv")
     with pytest.raises(ManifestError) as exc:
@@ -183,14 +186,49 @@ def test_unsplit_manifest_for_pretraining(tmp_path):
     csv = _write(tmp_path, "patient_id,path\np1,a.nii\np2,b.nii", ["a.nii", "b.nii"])
     m = load_manifest(csv, require_split=False)
     assert [r.split for r in m] == ["", ""] and len(m.split("train")) == 0
-    with pytest.raises(ManifestError, match="require_split=False"):
+    with pytest.raises(ManifestError, match="has no 'split' column; add one"):
         load_manifest(csv)
 
 
-def test_negative_label_is_refused(tmp_path):
-    csv = _write(tmp_path, "patient_id,path,split,y\np1,a.nii,train,1\np2,b.nii,train,-1", ["a.nii", "b.nii"])
-    with pytest.raises(ManifestError, match=r"negative values.*leave a cell empty(.|\n)*line 3: -1"):
+def test_negative_label_other_than_uncertain_is_refused(tmp_path):
+    csv = _write(tmp_path, "patient_id,path,split,y\np1,a.nii,train,1\np2,b.nii,train,-1\np3,c.nii,train,-2",
+                 ["a.nii", "b.nii", "c.nii"])
+    with pytest.raises(ManifestError, match=r"negative values other than -1 \(uncertain\).*leave a cell empty") as exc:
         load_manifest(csv, label_columns=("y",))
+    assert "line 4: -2" in str(exc.value) and "line 3" not in str(exc.value)
+    assert exc.value.problems == {"negative_label": [4]}
+
+
+def test_uncertain_label_has_its_own_code_and_is_no_class(tmp_path):
+    files = [f"{c}.nii" for c in "abcdef"]
+    csv = _write(tmp_path, """
+        patient_id,path,split,effusion,site
+        p1,a.nii,train,1,north
+        p2,b.nii,train,-1,south
+        p3,c.nii,train,,north
+        p4,d.nii,val,0,south
+        p5,e.nii,test,1,north
+        p6,f.nii,train,0,north
+        """, files)
+    m = load_manifest(csv, label_columns=("effusion", "site"))
+    assert [r.label("effusion") for r in m] == [1, UNCERTAIN, UNLABELLED, 0, 1, 0]
+    assert UNCERTAIN != UNLABELLED and UNCERTAIN < 0 and UNLABELLED < 0
+    assert m.label_values("effusion") == ("0", "1") and m.classes["effusion"] == {"0": 0, "1": 1}
+    assert dict(m[1].labels)["effusion"] == "-1"  # the raw text stays available
+    # check_labels counts classes only: the uncertain and the blank row are in no class
+    assert check_labels(m, "effusion") == {"train": {"1": 1, "0": 1}, "val": {"0": 1}, "test": {"1": 1}}
+
+
+def test_uncertain_rows_are_unlabelled_for_a_single_label_job(tmp_path):
+    """What the probe, fine-tuning and the few-label draws keep: codes >= 0 (uncertain and blank rows out)."""
+    from medjax.data.fractions import patient_strata
+
+    csv = _write(tmp_path, "patient_id,path,split,y\np1,a.nii,train,-1\np2,b.nii,train,\np3,c.nii,train,2",
+                 ["a.nii", "b.nii", "c.nii"])
+    m = load_manifest(csv, label_columns=("y",))
+    codes = [r.label("y") for r in m]
+    assert [c for c in codes if c >= 0] == [2]
+    assert patient_strata([r.patient_id for r in m], np.array(codes)) == {"p1": -1, "p2": -1, "p3": 2}
 
 
 def test_check_labels_refuses_a_class_only_in_test(tmp_path):
@@ -215,3 +253,62 @@ def test_check_labels_refuses_a_class_only_in_test(tmp_path):
     assert check_labels(ok, "dx") == {"train": {"x": 1, "y": 1}, "val": {}, "test": {"x": 1}}
     with pytest.raises(KeyError):
         check_labels(ok, "other")
+
+
+def test_fold_mapping_in_its_json_form(tmp_path):
+    files = [f"{c}.nii" for c in "abcde"]
+    csv = _write(tmp_path, "patient_id,path,fold\np1,a.nii,0\np2,b.nii,1\np3,c.nii,2\np4,d.nii,3\np4,e.nii,3",
+                 files)
+    m = load_manifest(csv, folds=parse_folds('{"test": [2], "val": 0}'))
+    assert [(r.split, r.fold) for r in m] == [("val", 0), ("train", 1), ("test", 2), ("train", 3), ("train", 3)]
+    names = OptionNames(folds="config.data.folds")
+    with pytest.raises(ManifestError, match=r"^config.data.folds names fold\(s\) 7 that the fold column of "
+                                            r"manifest.csv does not hold \(it holds 0, 1, 2, 3\); name folds"):
+        load_manifest(csv, folds={"test": (7,)}, names=names)
+    with pytest.raises(ManifestError, match=r"no 'split' column; set config.data.folds to say which folds are test "
+                                            r"and val, e.g. '\{\"test\": \[0\], \"val\": \[1\]\}'"):
+        load_manifest(csv, names=names)
+    split_csv = _write(tmp_path, "patient_id,path,split\np1,a.nii,train", files, "split.csv")
+    with pytest.raises(ManifestError, match=r"^config.data.folds is set but split.csv has no 'fold' column"):
+        load_manifest(split_csv, folds={"test": (0,)}, names=names)
+    both = _write(tmp_path, "patient_id,path,split,fold\np1,a.nii,train,0", files, "both.csv")
+    with pytest.raises(ManifestError, match=r"^both.csv has a 'split' column and config.data.folds is set too"):
+        load_manifest(both, folds={"test": (0,)}, names=names)
+    assert load_manifest(both)[0].split == "train"  # both columns, no mapping: the split column
+    odd = _write(tmp_path, "patient_id,path,fold\np1,a.nii,0\np2,b.nii,x\np3,c.nii,1", files, "odd.csv")
+    with pytest.raises(ManifestError, match=r"1 row\(s\) of odd.csv have a fold that config.data.folds does not "
+                                            r"place(.|\n)*line 3: fold 'x' is not a whole number"):
+        load_manifest(odd, folds={"test": (0,)}, names=names)
+
+
+@pytest.mark.parametrize("text, match", [
+    ('{"test": [0], "val": [0]}', r"puts fold 0 in both test and val; give each fold one split"),
+    ('{"tset": [0]}', r"names unknown split\(s\) 'tset'; use train, val, test"),
+    ('{"test": [0.5]}', r"gives test \[0.5\]; list the split's folds as non-negative integers"),
+    ('{"test": [-1]}', r"gives test \[-1\]"),
+    ('{"test": [true]}', r"gives test \[true\]"),
+    ('[0, 1]', r"is not a JSON object naming at least one split"),
+    ('{}', r"is not a JSON object naming at least one split"),
+    ("{'test': [0]}", r"is not valid JSON \(Expecting property name"),
+])
+def test_fold_mapping_mistakes_are_one_sentence(text, match):
+    with pytest.raises(ValueError, match=r"^config.data.folds.*" + match) as exc:
+        parse_folds(text, "config.data.folds")
+    assert "\n" not in str(exc.value)
+
+
+def test_parse_folds_reads_lists_and_single_folds():
+    assert parse_folds("") is None and parse_folds("  ") is None
+    assert parse_folds('{"test": [3, 4], "val": 1, "train": [0]}') == {"test": (3, 4), "val": (1,), "train": (0,)}
+
+
+def test_a_folder_for_a_manifest_is_one_sentence(tmp_path):
+    (tmp_path / "scans").mkdir()
+    with pytest.raises(ManifestError) as exc:
+        load_manifest(str(tmp_path / "scans"))
+    msg = str(exc.value)
+    assert "is a folder, not a manifest" in msg and "python -m medjax.data.make_manifest LAYOUT FOLDER --out " \
+        "manifest.csv" in msg and "\n" not in msg
+    _write(tmp_path / "scans", "patient_id,path,split\np1,a.nii,train", name="manifest.csv")
+    with pytest.raises(ManifestError, match=r"such as .*scans/manifest.csv, which exists"):
+        load_manifest(str(tmp_path / "scans"))
