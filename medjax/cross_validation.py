@@ -19,7 +19,7 @@ import csv
 import json
 import math
 import os
-from typing import Callable
+from collections.abc import Callable
 
 from medjax import console
 from medjax.data.fractions import summarise

@@ -38,7 +38,7 @@ SPLITS = ("train", "val", "test")
 UNLABELLED = -1  # code of an empty label cell
 UNCERTAIN = -2  # code of a -1 cell in an integer label column ("uncertain", as in CheXpert)
 FOLDS_EXAMPLE = '{"test": [0], "val": [1]}'  # the JSON form of a fold mapping (folds not named -> train)
-MAKE_MANIFEST = "python -m medjax.data.make_manifest LAYOUT FOLDER --out manifest.csv"
+MAKE_MANIFEST = "python -m medjax.data.make_manifest LAYOUT {folder} --out manifest.csv"  # writes a manifest
 KNOWN_COLUMNS = ("patient_id", "path", "split", "fold", "mask_path", "series_uid")
 _SHOWN = 5  # offending rows listed per problem
 _SHOWN_MISSING = 50  # missing files: list (nearly) all, they are what the user must fix
@@ -197,7 +197,8 @@ def check_manifest_path(path: str, key: str | None = None, need: str = "") -> st
         inside = os.path.join(path, "manifest.csv")
         hint = f" (such as {inside}, which exists)" if os.path.isfile(os.path.join(full, "manifest.csv")) else ""
         raise ManifestError(f"{name} is a folder, not a manifest; give the CSV manifest file{hint}{need}, or "
-                            f"write one for a folder of a public dataset layout with `{MAKE_MANIFEST}`.")
+                            f"write one for a folder of a public dataset layout with "
+                            f"`{MAKE_MANIFEST.format(folder=path)}` (its --help lists the layouts).")
     if not os.path.isfile(full):
         raise ManifestError(f"{name} does not exist; give the path of a CSV manifest{need}.")
     return path

@@ -119,7 +119,7 @@ def test_a_folder_for_a_manifest_is_one_sentence_naming_the_key(job, tmp_path):
         _job_loaders(str(folder))[job]()
     msg = str(exc.value)
     assert msg.startswith(f"{job}='{folder}' is a folder, not a manifest; give the CSV manifest file")
-    assert "`python -m medjax.data.make_manifest LAYOUT FOLDER --out manifest.csv`" in msg and "\n" not in msg
+    assert f"`python -m medjax.data.make_manifest LAYOUT {folder} --out manifest.csv`" in msg and "\n" not in msg
 
 
 @pytest.mark.parametrize("job", ["config.data.manifest", "config.probe.manifest", "config.finetune.manifest",

@@ -307,8 +307,8 @@ def test_a_folder_for_a_manifest_is_one_sentence(tmp_path):
     with pytest.raises(ManifestError) as exc:
         load_manifest(str(tmp_path / "scans"))
     msg = str(exc.value)
-    assert "is a folder, not a manifest" in msg and "python -m medjax.data.make_manifest LAYOUT FOLDER --out " \
-        "manifest.csv" in msg and "\n" not in msg
+    assert "is a folder, not a manifest" in msg and f"python -m medjax.data.make_manifest LAYOUT {tmp_path}/scans " \
+        "--out manifest.csv" in msg and "\n" not in msg
     _write(tmp_path / "scans", "patient_id,path,split\np1,a.nii,train", name="manifest.csv")
     with pytest.raises(ManifestError, match=r"such as .*scans/manifest.csv, which exists"):
         load_manifest(str(tmp_path / "scans"))

@@ -56,6 +56,7 @@ def test_summary_is_the_mean_and_sample_std_of_the_folds(cv_run):
     workdir, record = cv_run
     folds = [json.loads((workdir / f"fold_{i}" / "results.json").read_text()) for i in range(3)]
     saved = json.loads((workdir / "results.json").read_text())
+    assert saved["summary"] == json.loads(json.dumps(record["summary"]))  # what run() returns is what it wrote
     assert saved["cv_folds"] == 3 and "n - 1" in saved["std"]
     for backbone in ("pretrained",):
         acc = [r["backbones"][backbone]["test"]["accuracy"] for r in folds]
