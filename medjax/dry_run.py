@@ -25,7 +25,7 @@ import jax
 
 from medjax import checkpoint, config_docs, console, resume_guard, schedule_check, sharding
 from medjax.data import sources
-from medjax.data.manifest import load_manifest
+from medjax.data.job_manifest import open_manifest
 
 TIMED_STEPS = 2  # steps timed after the compile and one warm-up step
 SECTIONS = {"linear_probe": "probe", "finetune": "finetune", "segment": "segment"}  # an evaluation job's own keys
@@ -99,9 +99,8 @@ def describe_data(config, workdir: str, say=console.say) -> int:
     """Rows / patients / classes per split and the training images; returns the training images (-1 for the
     pretraining jobs, whose loader counts them)."""
     manifest_path, labels, extra, volumes = _job_data(config, workdir)
-    ignore = tuple(c for c in config.data.extra_columns.split(",") if c) + tuple(extra)
-    manifest = load_manifest(manifest_path, label_columns=labels, require_split=False,
-                             ignore_columns=tuple(c for c in ignore if c not in labels), masks=False)
+    manifest = open_manifest(config, manifest_path, label_columns=labels, extra=extra, masks=False,
+                             require_split=False)
     say(f"Data: {manifest_path} ({len(manifest)} rows, {len(manifest.patients())} patients)")
     for split in ("train", "val", "test"):
         rows = manifest.split(split)

@@ -84,8 +84,8 @@ def changes(saved: dict, current: dict) -> list[str]:
             continue  # the same file moved or renamed
         what = " (a dtype change)" if "dtype" in key.rsplit(".", 1)[-1] else ""
         if key not in old:
-            out.append(f"config.{key} is new (now {_show(new[key])}); the checkpoint's config has no such key.")
-        elif key not in new:
+            continue  # a key added to medjax after this run was saved: the run could not have set it
+        if key not in new:
             out.append(f"config.{key} is gone (was {_show(old[key])}).")
         else:
             out.append(f"config.{key} changed{what}: {_show(old[key])} -> {_show(new[key])}.")

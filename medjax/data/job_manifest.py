@@ -35,11 +35,12 @@ def extra_columns(config, label_columns=(), extra=()) -> tuple[str, ...]:
 
 
 def open_manifest(config, path: str, *, label_columns=(), label_key: str = "", extra=(),
-                  masks: bool = True) -> Manifest:
+                  masks: bool = True, require_split: bool = True) -> Manifest:
     """The validated manifest at ``path`` with ``config.data.folds`` mapping a fold column to splits;
     ``label_key`` is the config key that names ``label_columns`` (for the messages; "" for a job without
     labels)."""
     label_columns = tuple(label_columns)
     names = OptionNames(labels=label_key, extra=EXTRA_KEY, folds=FOLDS_KEY)
     return load_manifest(path, label_columns=label_columns, folds=data_folds(config),
-                         ignore_columns=extra_columns(config, label_columns, extra), masks=masks, names=names)
+                         ignore_columns=extra_columns(config, label_columns, extra), masks=masks, names=names,
+                         require_split=require_split)

@@ -346,12 +346,13 @@ def _parse_renames(renames) -> dict[str, str]:
 
 
 def fold_table(root: str, table: str, patients: PatientRule, *, fold_column: str = "fold", renames=(),
-               label_columns=(), test_fold: int | None = 0, val_fold: int | None = None) -> Layout:
+               label_columns=(), test_fold: int | None = None, val_fold: int | None = None) -> Layout:
     """A table with one row per image and an integer fold; paths resolve against ROOT (or are absolute).
 
     Columns are renamed by ``renames`` ("OLD=NEW"); ``fold_column`` names the table's fold column
-    (written as ``fold``). The medjax jobs read a ``split``: ``test_fold`` becomes test, ``val_fold``
-    val (None: val is carved from the training folds later), the rest train.
+    (written as ``fold``). Without ``test_fold`` only the fold is written: the jobs map folds to splits
+    with ``config.data.folds`` or rotate them with ``cv_folds``. With it, a ``split`` is written too:
+    ``test_fold`` becomes test, ``val_fold`` val (None: val is carved from the training folds later).
     """
     root = require_folder(root)
     header, rows = read_table(table)
@@ -392,12 +393,16 @@ def fold_table(root: str, table: str, patients: PatientRule, *, fold_column: str
         if mask and not os.path.exists(mask):
             problems.add(f"mask paths that do not exist under ROOT {root}; fix the table or ROOT.",
                          f"{name} line {line}: {cell['mask_path']!r}", line)
-        split = "test" if fold == test_fold else "val" if fold == val_fold else "train"
+        split = ("" if test_fold is None else
+                 "test" if fold == test_fold else "val" if fold == val_fold else "train")
         entries.append(Entry(path, patients.patient(relative(path, root), cell.get("patient_id"), problems,
                                                     f"{name} line {line}"),
                              split, fold, {c: cell[c] for c in label_columns},
                              {c: cell[c] for c in kept if c not in label_columns}, mask,
                              cell.get("series_uid") or None))
+    if val_fold is not None and test_fold is None:
+        problems.add("--val-fold without --test-fold; give both, or neither and map folds with config.data.folds.",
+                     f"--val-fold {val_fold}")
     for option, fold in (("--test-fold", test_fold), ("--val-fold", val_fold)):
         if fold is not None and folds and fold not in folds:
             problems.add(f"{option} values that are no fold of the table; choose one of the folds.",

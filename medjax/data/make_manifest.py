@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import collections
 import csv
+import json
 import math
 import os
 import shlex
@@ -125,6 +126,8 @@ def carve_splits(layout: Layout, *, val_fraction: float, test_fraction: float, s
     if val_fraction + test_fraction >= 1:
         raise LayoutError(f"--val-fraction {val_fraction} + --test-fraction {test_fraction} leave no training "
                           "patients; make them smaller.")
+    if all(e.fold is not None and not e.split for e in layout.entries):
+        return []  # folds only: the jobs map them to splits (config.data.folds) or rotate them (cv_folds)
     present = {e.split for e in layout.entries}
     pool_split = "" if present == {""} else "train"
     wanted = {s: f for s, f in (("test", test_fraction), ("val", val_fraction)) if s not in present and f > 0}
@@ -192,15 +195,17 @@ def write_manifest(layout: Layout, out: str) -> list[str]:
 
 
 def label_split(layout: Layout) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """(label columns that load as classes today, label columns holding -1 = uncertain)."""
+    """(label columns, those of them holding -1 = uncertain, which load as labels with uncertain cells)."""
     uncertain = tuple(c for c in layout.label_columns if any(e.labels.get(c) == "-1" for e in layout.entries))
-    return tuple(c for c in layout.label_columns if c not in uncertain), uncertain
+    return tuple(layout.label_columns), uncertain
 
 
 def check_written(layout: Layout, out: str):
     """Read the written CSV back as every job will (raises ManifestError)."""
-    labels, uncertain = label_split(layout)
-    return load_manifest(out, label_columns=labels, ignore_columns=uncertain + layout.extra_columns)
+    folds = sorted({e.fold for e in layout.entries if e.fold is not None})
+    fold_only = bool(folds) and not any(e.split for e in layout.entries)
+    return load_manifest(out, label_columns=layout.label_columns, ignore_columns=layout.extra_columns,
+                         require_split=not fold_only)
 
 
 def summary_table(layout: Layout) -> str:
@@ -230,11 +235,16 @@ def usage_flags(layout: Layout, out: str) -> list[str]:
     others = tuple(c for c in layout.label_columns + layout.extra_columns)
     q = shlex.quote
     extra = [q(f"--config.data.extra_columns={','.join(others)}")] if others else []
+    folds = sorted({e.fold for e in layout.entries if e.fold is not None})
+    fold_only = bool(folds) and not any(e.split for e in layout.entries)
+    if fold_only:
+        mapping = {"test": folds[:1], "val": folds[1:2]} if len(folds) > 2 else {"test": folds[:1]}
+        extra.append(q(f"--config.data.folds={json.dumps(mapping)}"))
     check = ["python -m medjax.data.check", q(out)]
     if labels:
         check.append(f"--label-columns {q(','.join(labels))}")
-    if uncertain + layout.extra_columns:
-        check.append(f"--ignore-columns {q(','.join(uncertain + layout.extra_columns))}")
+    if layout.extra_columns:
+        check.append(f"--ignore-columns {q(','.join(layout.extra_columns))}")
     lines = [f"  check the images:  {' '.join(check)}",
              f"  pretraining:       {' '.join([q(f'--config.data.manifest={out}')] + extra)}"]
     def flags(*items):
@@ -247,13 +257,17 @@ def usage_flags(layout: Layout, out: str) -> list[str]:
                                                      f"--config.probe.label_column={','.join(labels)}") + multi)
         lines.append("  fine-tuning:       " + flags(f"--config.finetune.manifest={out}",
                                                      f"--config.finetune.targets={targets}"))
+        if fold_only and folds == list(range(len(folds))) and len(folds) >= 3:
+            lines.append(f"  cross-validation:  the probe or fine-tuning lines without --config.data.folds, with "
+                         f"--config.probe.cv_folds={len(folds)} or --config.finetune.cv_folds={len(folds)}")
     if any(e.mask_path for e in layout.entries):
         name = labels[0] if len(labels) == 1 and layout.label_columns != ("label",) else "foreground"
         lines.append("  segmentation:      " + flags(f"--config.segment.manifest={out}",
                                                      f'--config.segment.class_names=("background","{name}")')
                      + "  (PNG pixels count as 1 mm unless --config.segment.assumed_spacing_mm='(row,col)')")
     if uncertain:
-        lines.append(f"  columns holding -1 (uncertain), kept as they are: {', '.join(uncertain)}; map -1 to 0 or 1 "
+        lines.append(f"  columns holding -1 (uncertain), kept as they are and read as unlabelled there: "
+                     f"{', '.join(uncertain)}; map -1 to 0 or 1 "
                      "(or leave the column out) where a job needs 0/1 labels.")
     return lines
 
@@ -284,7 +298,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fold-column", default="fold", help="the table's fold column (written as fold)")
     p.add_argument("--column", action="append", metavar="OLD=NEW", help="rename a table column (repeatable)")
     p.add_argument("--label-columns", default="", help="comma-separated label columns of a fold-table")
-    p.add_argument("--test-fold", type=int, default=0, help="fold written as split test")
+    p.add_argument("--test-fold", type=int, default=None,
+                   help="fold written as split test (default: folds only, mapped by config.data.folds)")
     p.add_argument("--val-fold", type=int, default=None, help="fold written as split val (default: carved)")
     p.add_argument("--label-from", default="", choices=("",) + LABEL_SOURCES, help="dicom-tree label column source")
     p.add_argument("--label-map", default="", help="CSV pattern,label mapping series descriptions to labels")
@@ -328,8 +343,8 @@ def main(argv=None) -> int:
                      "splits and leakage cannot be checked; use --patient-pattern when the paths name patients.")
     folds = collections.Counter((e.fold, e.split) for e in layout.entries if e.fold is not None)
     if folds:
-        console.say("folds: " + ", ".join(f"{f} ({n} rows, {s})" for (f, s), n in sorted(folds.items())) + "; for "
-                    "cross-validation write one manifest per --test-fold")
+        console.say("folds: " + ", ".join(f"{f} ({n} rows{', ' + s if s else ''})"
+                                          for (f, s), n in sorted(folds.items())))
     for note in notes:
         console.say(f"note: {note}")
     console.say("use it:")

@@ -213,6 +213,26 @@ def test_fold_table_renames_folds_and_splits(tmp_path, capsys):
     assert "folds: 0 (2 rows, train), 1 (2 rows, val), 2 (2 rows, test)" in text
 
 
+def test_fold_table_without_test_fold_writes_folds_for_config_data_folds(tmp_path, capsys):
+    root = tmp_path / "knee"
+    lines = ["PatientID,series,fold,grade"]
+    for p in range(6):
+        os.makedirs(root / f"P{p}" / "sag")
+        lines.append(f"P{p},P{p}/sag,{p % 3},{p % 2}")
+    (tmp_path / "folds.csv").write_text("\n".join(lines) + "\n")
+    out = tmp_path / "m.csv"
+    status, text, err = _run(capsys, "fold-table", root, "--table", tmp_path / "folds.csv", "--out", out,
+                             "--column", "PatientID=patient_id", "--column", "series=path", "--label-columns", "grade")
+    assert status == 0, err
+    rows = _rows(out)
+    assert list(rows[0]) == ["patient_id", "path", "fold", "grade"]  # no split: the jobs map the folds
+    assert [r["fold"] for r in rows] == ["0", "1", "2", "0", "1", "2"]
+    assert """'--config.data.folds={"test": [0], "val": [1]}'""" in text
+    assert "--config.probe.cv_folds=3" in text
+    mapped = load_manifest(str(out), label_columns=("grade",), folds=fold_splits(3, test_fold=0, val_fold=1))
+    assert [r.split for r in mapped] == ["test", "val", "train"] * 2
+
+
 def test_fold_table_lists_non_integer_folds_and_missing_paths(tmp_path, capsys):
     root = tmp_path / "knee"
     os.makedirs(root / "P0")

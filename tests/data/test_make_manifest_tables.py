@@ -160,7 +160,7 @@ def test_label_table_chexpert_keeps_uncertain_and_blank(chexpert, tmp_path, caps
     manifest = load_manifest(str(out), label_columns=("No Finding",),
                              ignore_columns=("Cardiomegaly", "Edema", "Frontal/Lateral"))
     assert [r.label("No Finding") for r in manifest] == [1, 1, -1, 0]
-    assert "columns holding -1 (uncertain), kept as they are: Cardiomegaly, Edema" in text
+    assert "columns holding -1 (uncertain), kept as they are and read as unlabelled there: Cardiomegaly, Edema" in text
 
 
 def test_label_table_chexpert_values_outside_the_vocabulary(chexpert, tmp_path, capsys):
