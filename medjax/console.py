@@ -9,12 +9,19 @@ sentence and printed by ``medjax.main``.
 
 from __future__ import annotations
 
-import jax
+import sys
+
+
+def _process_index() -> int:
+    # JAX is asked only when the process has imported it: data worker processes (index builds, Grain)
+    # never do, so they start in a fraction of a second instead of importing JAX for this question.
+    jax = sys.modules.get("jax")
+    return jax.process_index() if jax is not None else 0
 
 
 def say(message: str) -> None:
     """A progress line (process 0 only)."""
-    if jax.process_index() == 0:
+    if _process_index() == 0:
         print(message, flush=True)
 
 
