@@ -55,7 +55,8 @@ def get_config(variant: str = "", *, multitask: bool = False, config_file: str =
     # 3D model input (D, H, W) voxels at the target spacing, each a multiple of the patch size; () = the largest
     # volume's sides rounded up to one. Volumes are centred and zero-padded to it, those larger scaled down.
     s.volume_shape = ()
-    s.assumed_spacing_mm = ()  # (row, col) mm for 2D images whose files carry no pixel spacing (PNG/JPEG)
+    # HD95's pixel spacing of a 2D image: its file's own, else its manifest row's pixel_spacing, else this key.
+    s.assumed_spacing_mm = ()  # (row, col) mm when neither file nor manifest gives one (PNG/JPEG); () = 1 px
     # Heads: "linear" = DINOv2's linear segmentation (frozen backbone, 1x1 classifier on the patch
     # tokens, logits upsampled bilinearly); "decoder" = progressive upsampling conv decoder.
     s.heads = ("decoder",)

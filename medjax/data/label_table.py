@@ -13,18 +13,22 @@ Images are found with one walk of ROOT (a name -> path dict, so a table of 112,1
 walk, not one search per row); a cell holding a relative path (CheXpert's
 ``CheXpert-v1.0-small/train/patient00001/study1/view1_frontal.jpg``) resolves under ROOT, with its
 leading folders dropped when ROOT is already inside them. Official split lists (image names, one per
-line) give the splits; an image in no list is left out and counted.
+line) give the splits; an image in no list is left out and counted. Pixel-spacing columns (x, y mm)
+become the manifest's ``pixel_spacing`` (row, col); with the original width/height columns they are
+rescaled to each stored file's own size (NIH measured them on the original image, its PNGs are 1024x1024).
 """
 
 from __future__ import annotations
 
+import math
 import os
+
+from PIL import Image
 
 from medjax.data.layouts import (Entry, Layout, LayoutError, PatientRule, Problems, read_table, require_columns,
                                  require_folder, walk_files)
 from medjax.data.manifest import KNOWN_COLUMNS, SPLITS
-
-SPACING_COLUMNS = ("spacing_x", "spacing_y")  # written columns: pixel size across columns (x) and rows (y), mm
+from medjax.readers.image_data import reason
 
 
 class _ImageIndex:
@@ -70,18 +74,33 @@ def _finding_value(text: str) -> str | None:
     return str(int(value)) if value in (1.0, 0.0, -1.0) else None
 
 
-def _spacing(cells: dict, columns, name: str, line: int, problems: Problems) -> dict[str, str]:
-    values = {}
-    for written, column in zip(SPACING_COLUMNS, columns):
+def _pixel_spacing(cells: dict, spacing_columns, size_columns, path: str, where: str, line: int,
+                   problems: Problems) -> str:
+    """The manifest's pixel_spacing cell ("row_mm,col_mm") from the table's x, y spacing columns; with the
+    original width, height columns, rescaled to the stored file's own size (read from its header only)."""
+    numbers = []
+    for column in (*spacing_columns, *size_columns):
         try:
-            mm = float(cells[column])
+            value = float(cells[column])
         except ValueError:
-            mm = -1.0
-        if not mm > 0:
-            problems.add("pixel spacings that are no positive number (mm); fix the cells or drop "
-                         "--spacing-columns.", f"{name} line {line}: {column}={cells[column]!r}", line)
-        values[written] = f"{mm:g}"
-    return values
+            value = -1.0
+        if not (value > 0 and math.isfinite(value)):
+            problems.add("pixel spacings (mm) or original sizes (pixels) that are no positive number; fix the cells "
+                         "or drop --spacing-columns / --original-size-columns.", f"{where}: {column}={cells[column]!r}",
+                         line)
+            return ""
+        numbers.append(value)
+    x, y = numbers[:2]
+    if size_columns:
+        try:
+            with Image.open(path) as img:  # lazy: the header gives the size, no pixels are decoded
+                width, height = img.size
+        except Exception as exc:  # Pillow raises OSError, SyntaxError, ValueError for damaged files
+            problems.add("images whose size cannot be read for --original-size-columns; re-export or remove them.",
+                         f"{where}: {path} ({reason(exc)})", line)
+            return ""
+        x, y = x * numbers[2] / width, y * numbers[3] / height
+    return f"{y:.6g},{x:.6g}"
 
 
 def _read_split_lists(split_lists: dict[str, str], problems: Problems) -> dict[str, str]:
@@ -115,7 +134,7 @@ def _findings_columns(header, finding_columns, findings_after, table) -> tuple[s
 def label_table(root: str, table: str, patients: PatientRule, *, image_column: str, patient_column: str = "",
                 labels_column: str = "", separator: str = "|", no_finding: str = "No Finding",
                 finding_columns=(), findings_after: str = "", keep_columns=(), spacing_columns=(),
-                split_lists: dict[str, str] | None = None) -> Layout:
+                original_size_columns=(), split_lists: dict[str, str] | None = None) -> Layout:
     """Rows of ``table`` with their images found under ``root``; see the module docstring."""
     root = require_folder(root)
     header, rows = read_table(table)
@@ -132,19 +151,25 @@ def label_table(root: str, table: str, patients: PatientRule, *, image_column: s
     if spacing_columns and len(spacing_columns) != 2:
         raise LayoutError(f"--spacing-columns names {len(spacing_columns)} column(s); give two, x then y, e.g. "
                           "'OriginalImagePixelSpacing[x,y]' (NIH's two columns).")
+    if original_size_columns and (len(original_size_columns) != 2 or not spacing_columns):
+        raise LayoutError(f"--original-size-columns names {len(original_size_columns)} column(s)"
+                          + ("" if spacing_columns else " without --spacing-columns")
+                          + "; give two, width then height, e.g. 'OriginalImage[Width,Height]' (NIH's two columns), "
+                            "together with --spacing-columns.")
     findings = _findings_columns(header, finding_columns, findings_after, table)
     require_columns(table, header, {"--image-column": image_column, "--patient-column": patient_column,
                                     "--labels-column": labels_column,
                                     **{f"--finding-columns {c!r}": c for c in findings},
                                     **{f"--keep-columns {c!r}": c for c in keep_columns},
-                                    **{f"--spacing-columns {c!r}": c for c in spacing_columns}})
+                                    **{f"--spacing-columns {c!r}": c for c in spacing_columns},
+                                    **{f"--original-size-columns {c!r}": c for c in original_size_columns}})
     problems = Problems(f"label-table {table}")
     if labels_column:
         vocabulary = sorted({f.strip() for _, cells in rows for f in cells[labels_column].split(separator)
                              if f.strip() and f.strip() != no_finding})
     else:
         vocabulary = list(findings)
-    kept = list(keep_columns) + (list(SPACING_COLUMNS) if spacing_columns else [])
+    kept = list(keep_columns)
     taken = [c for c in vocabulary if c in KNOWN_COLUMNS or c in kept]
     if taken:
         raise LayoutError(f"finding(s) {', '.join(taken)} would be written under a name medjax reserves or a kept "
@@ -179,8 +204,9 @@ def label_table(root: str, table: str, patients: PatientRule, *, image_column: s
                              "column out of --finding-columns.", f"{where}: {column}={cells[column]!r}", line)
             labels[column] = value or ""
         extras = {c: cells[c] for c in keep_columns}
-        if spacing_columns:
-            extras.update(_spacing(cells, spacing_columns, name, line, problems))
+        if spacing_columns:  # a known manifest column, written by make_manifest after the others
+            extras["pixel_spacing"] = _pixel_spacing(cells, spacing_columns, original_size_columns, path, where,
+                                                     line, problems)
         split = ""
         if listed is not None:
             split = listed.get(cell) or listed.get(os.path.basename(path), "")
@@ -208,9 +234,12 @@ def label_table(root: str, table: str, patients: PatientRule, *, image_column: s
         absent = [n for n in listed if n not in found and os.path.basename(n) not in found]
         if absent:
             notes.append(f"{len(absent)} name(s) of the split lists are not rows of {name} (e.g. {absent[0]}).")
-    if spacing_columns:
-        notes.append(f"{'/'.join(SPACING_COLUMNS)} are kept as extra columns from {', '.join(spacing_columns)}: "
-                     "the PNG reader assumes 1 mm pixels and does not read them; they describe the image the "
-                     "table was made from, which may not be the stored file's pixel grid (NIH's PNGs were "
-                     "resized to 1024x1024).")
+    if original_size_columns:
+        notes.append(f"pixel_spacing (row, col mm) is {', '.join(spacing_columns)} rescaled from the original size "
+                     f"{', '.join(original_size_columns)} to each stored file's own size (spacing * original / "
+                     "stored, per axis).")
+    elif spacing_columns:
+        notes.append(f"pixel_spacing (row, col mm) is {', '.join(spacing_columns)} written as given, not rescaled: if "
+                     "they describe the original image and the stored files were resized (NIH's PNGs are "
+                     "1024x1024), pass --original-size-columns too (NIH: 'OriginalImage[Width,Height]').")
     return Layout(entries, tuple(vocabulary), tuple(kept), notes, not patients.each_image)

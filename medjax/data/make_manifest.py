@@ -10,6 +10,8 @@ Layouts (``medjax.data.layouts``, ``label_table``, ``dicom_layouts``):
                        --labels-column 'Finding Labels' [--separator '|'] [--no-finding 'No Finding']
                        [--split-lists train=train_val_list.txt test=test_list.txt]
                        [--spacing-columns 'OriginalImagePixelSpacing[x,y]'] [--keep-columns 'Patient Age']
+                       [--original-size-columns 'OriginalImage[Width,Height]'] (spacing -> pixel_spacing,
+                       rescaled to each file's own size)
                        or CheXpert: --table train.csv --image-column Path --patient-pattern 'patient(\\d+)'
                        --findings-after AP/PA (or --finding-columns A,B,C) [--keep-columns Frontal/Lateral]
   fold-table           --table folds.csv --column PatientID=patient_id [--fold-column fold] [--test-fold 0]
@@ -54,7 +56,8 @@ _OPTIONS = {
     "class-folders": (),
     "image-mask-folders": (),
     "label-table": ("table", "image_column", "patient_column", "labels_column", "separator", "no_finding",
-                    "finding_columns", "findings_after", "keep_columns", "spacing_columns", "split_lists"),
+                    "finding_columns", "findings_after", "keep_columns", "spacing_columns", "original_size_columns",
+                    "split_lists"),
     "fold-table": ("table", "fold_column", "column", "label_columns", "test_fold", "val_fold"),
     "dicom-tree": ("label_from", "label_map"),
     "rle-table": ("table", "mask_dir", "image_column", "rle_column", "label_name"),
@@ -92,6 +95,7 @@ def build_layout(args) -> Layout:
                            separator=args.separator, no_finding=args.no_finding,
                            finding_columns=_columns(args.finding_columns), findings_after=args.findings_after,
                            keep_columns=_columns(args.keep_columns), spacing_columns=_columns(args.spacing_columns),
+                           original_size_columns=_columns(args.original_size_columns),
                            split_lists=_split_lists(args.split_lists))
     if args.layout == "fold-table":
         return fold_table(args.root, args.table, patients, fold_column=args.fold_column, renames=args.column,
@@ -172,7 +176,8 @@ def write_manifest(layout: Layout, out: str) -> list[str]:
     own = ["patient_id", "path"] + (["split"] if any(e.split for e in entries) else []) \
         + (["fold"] if any(e.fold is not None for e in entries) else [])
     tail = (["mask_path"] if any(e.mask_path for e in entries) else []) \
-        + (["series_uid"] if any(e.series_uid for e in entries) else [])
+        + (["series_uid"] if any(e.series_uid for e in entries) else []) \
+        + (["pixel_spacing"] if any(e.extras.get("pixel_spacing") for e in entries) else [])
     header = own + list(layout.label_columns) + tail + list(layout.extra_columns)
     clash = sorted({c for c in layout.label_columns + layout.extra_columns if c in KNOWN_COLUMNS}
                    | {c for c in header if header.count(c) > 1})
@@ -264,7 +269,8 @@ def usage_flags(layout: Layout, out: str) -> list[str]:
         name = labels[0] if len(labels) == 1 and layout.label_columns != ("label",) else "foreground"
         lines.append("  segmentation:      " + flags(f"--config.segment.manifest={out}",
                                                      f'--config.segment.class_names=("background","{name}")')
-                     + "  (PNG pixels count as 1 mm unless --config.segment.assumed_spacing_mm='(row,col)')")
+                     + ("" if any(e.extras.get("pixel_spacing") for e in layout.entries) else
+                        "  (PNG pixels count as 1 mm unless --config.segment.assumed_spacing_mm='(row,col)')"))
     if uncertain:
         lines.append(f"  columns holding -1 (uncertain), kept as they are and read as unlabelled there: "
                      f"{', '.join(uncertain)}; map -1 to 0 or 1 "
@@ -293,7 +299,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--finding-columns", default="", help="comma-separated 1/0/-1/blank finding columns")
     p.add_argument("--findings-after", default="", help="every column after this one is a finding column")
     p.add_argument("--keep-columns", default="", help="comma-separated table columns copied as extra columns")
-    p.add_argument("--spacing-columns", default="", help="x,y pixel-spacing columns (mm) -> spacing_x, spacing_y")
+    p.add_argument("--spacing-columns", default="", help="x,y pixel-spacing columns (mm) -> pixel_spacing (row,col)")
+    p.add_argument("--original-size-columns", default="",
+                   help="width,height columns of the image the spacing was measured on: rescaled to each file's size")
     p.add_argument("--split-lists", nargs="+", metavar="SPLIT=FILE", help="official lists of image names")
     p.add_argument("--fold-column", default="fold", help="the table's fold column (written as fold)")
     p.add_argument("--column", action="append", metavar="OLD=NEW", help="rename a table column (repeatable)")

@@ -2,7 +2,10 @@
 
 One row per image (a DICOM series folder, a DICOM file, a NIfTI file, a PNG/JPEG):
 
-  patient_id, path, split | fold, [label columns...], [mask_path], [series_uid]
+  patient_id, path, split | fold, [label columns...], [mask_path], [series_uid], [pixel_spacing]
+
+`pixel_spacing` ("row_mm,col_mm") gives the pixel size of a 2D image whose file carries
+none (PNG/JPEG); a file's own spacing is never overridden (see `slices.given_spacing`).
 
 Relative paths resolve against the CSV's folder, so a dataset folder can move as
 a whole. `split` is train/val/test; instead, an integer `fold` column with a
@@ -39,7 +42,8 @@ UNLABELLED = -1  # code of an empty label cell
 UNCERTAIN = -2  # code of a -1 cell in an integer label column ("uncertain", as in CheXpert)
 FOLDS_EXAMPLE = '{"test": [0], "val": [1]}'  # the JSON form of a fold mapping (folds not named -> train)
 MAKE_MANIFEST = "python -m medjax.data.make_manifest LAYOUT {folder} --out manifest.csv"  # writes a manifest
-KNOWN_COLUMNS = ("patient_id", "path", "split", "fold", "mask_path", "series_uid")
+KNOWN_COLUMNS = ("patient_id", "path", "split", "fold", "mask_path", "series_uid", "pixel_spacing")
+PIXEL_SPACING_EXAMPLE = "0.143,0.143"  # a pixel_spacing cell: row then column spacing of a 2D image, mm
 _SHOWN = 5  # offending rows listed per problem
 _SHOWN_MISSING = 50  # missing files: list (nearly) all, they are what the user must fix
 
@@ -79,6 +83,7 @@ class ManifestRow:
     fold: int | None = None
     mask_path: str | None = None
     series_uid: str | None = None
+    pixel_spacing: tuple[float, float] | None = None  # (row, col) mm of a 2D image whose file carries none
     labels: tuple[tuple[str, str], ...] = ()
     codes: tuple[tuple[str, int], ...] = ()
 
@@ -282,6 +287,16 @@ def _code(classes: Mapping[str, int], text: str) -> int:
     return UNCERTAIN if text == "-1" and text not in classes else classes[text]
 
 
+def parse_pixel_spacing(text: str) -> tuple[float, float] | None:
+    """(row mm, col mm) of a pixel_spacing cell such as "0.143,0.143"; None unless two positive numbers."""
+    parts = text.split(",")
+    try:
+        values = tuple(float(p) for p in parts)
+    except ValueError:
+        return None
+    return values if len(values) == 2 and all(0 < v < float("inf") for v in values) else None
+
+
 def _split_and_fold(cell: dict, folds, require_split: bool) -> tuple[str, int | None, str | None]:
     """(split, fold, problem) of one row: the split column, or the fold column mapped through `folds`."""
     text = cell.get("fold", "")
@@ -328,7 +343,8 @@ def load_manifest(csv_path: str, *, label_columns: Sequence[str] = (), require_s
     def resolve(p: str) -> str:
         return os.path.normpath(os.path.join(root, os.path.expanduser(p)))
 
-    issues: dict[str, list[tuple[int, str]]] = {k: [] for k in ("cells", "empty", "split", "missing")}
+    issues: dict[str, list[tuple[int, str]]] = {k: [] for k in ("cells", "empty", "split", "pixel_spacing",
+                                                                "missing")}
     parsed, n_paths = [], 0
     for line, cells in raw_rows:
         if len(cells) != len(header):
@@ -349,8 +365,12 @@ def load_manifest(csv_path: str, *, label_columns: Sequence[str] = (), require_s
         if problem:
             issues["split"].append((line, f"line {line}: {problem}"))
             continue
+        spacing = parse_pixel_spacing(cell["pixel_spacing"]) if cell.get("pixel_spacing") else None
+        if cell.get("pixel_spacing") and spacing is None:
+            issues["pixel_spacing"].append((line, f"line {line}: pixel_spacing {cell['pixel_spacing']!r}"))
+            continue
         parsed.append(dict(line=line, patient_id=cell["patient_id"], path=paths["path"], split=split, fold=fold,
-                           mask_path=paths["mask_path"], series_uid=cell.get("series_uid") or None,
+                           mask_path=paths["mask_path"], series_uid=cell.get("series_uid") or None, pixel_spacing=spacing,
                            labels=tuple((c, cell[c]) for c in label_columns)))
 
     seen: dict[tuple, int] = {}
@@ -377,6 +397,9 @@ def load_manifest(csv_path: str, *, label_columns: Sequence[str] = (), require_s
     report("split", issues["split"], f"{len(issues['split'])} row(s) of {name} have " + (
         f"a fold that {names.folds} does not place; give every row a whole-number fold of the mapping."
         if folds is not None else f"an unknown split; use one of {', '.join(SPLITS)}."))
+    report("pixel_spacing", issues["pixel_spacing"], f"{len(issues['pixel_spacing'])} row(s) of {name} have a "
+           "pixel_spacing that is not two positive numbers (row then column spacing in mm, e.g. "
+           f"'{PIXEL_SPACING_EXAMPLE}'); fix the cells or leave them empty.")
     report("duplicate", dupes, f"{len(dupes)} row(s) of {name} repeat an image listed earlier (same path and "
            "series_uid), which would count it twice; remove the repeats.")
     report("patient_in_two_splits",

@@ -104,6 +104,21 @@ def _grid(row: ManifestRow, path: str, data, *, mask: bool = False) -> np.ndarra
     return array
 
 
+def given_spacing(row: ManifestRow, data, path: str):
+    """``data`` with the row's manifest pixel_spacing when its file carries no spacing of its own (PNG/JPEG);
+    a file whose own spacing differs by more than 1 % is refused, naming the line and both spacings."""
+    if row.pixel_spacing is None:
+        return data
+    taken = data.with_given_spacing(row.pixel_spacing, "manifest pixel_spacing")
+    if taken is None:
+        own = ", ".join(f"{s:g}" for s in data.spacing)
+        raise ManifestError(f"line {row.line}: pixel_spacing {row.pixel_spacing[0]:g},{row.pixel_spacing[1]:g} mm "
+                            f"differs by more than 1 % from the spacing ({own}) mm that {path} carries itself; "
+                            "correct the cell or leave it empty (a file's own spacing is used).",
+                            {"pixel_spacing_conflict": [row.line]})
+    return taken
+
+
 class _RowIndex(RowBuild):
     """Shared machinery: read rows once (reporting or raising on bad ones), normalise, check masks, cache."""
 
@@ -173,6 +188,7 @@ class _RowIndex(RowBuild):
 
         picked = {"volume_index": self.volume_index} if self.volume_index >= 0 else {}
         data = read(row.path, "path", series_uid=row.series_uid, expect_3d=self._expect_3d, **picked)
+        data = given_spacing(row, data, row.path)
         if "num_volumes" in data.meta:
             self._note("volume", f"line {row.line}: {row.path} (volume {data.meta['volume_index']} of "
                                  f"{data.meta['num_volumes']})")
@@ -182,7 +198,7 @@ class _RowIndex(RowBuild):
         if row.mask_path:
             # Checked (or resampled) against the image's own grid, then moved with the image's geometry:
             # mask and image go through one target resampling, the mask with nearest neighbour.
-            mdata = read(row.mask_path, "mask_path", expect_3d=data.is_volume)
+            mdata = given_spacing(row, read(row.mask_path, "mask_path", expect_3d=data.is_volume), row.mask_path)
             labels = self._check_mask(row, data, _grid(row, row.path, data), mdata,
                                       _grid(row, row.mask_path, mdata, mask=True))
             on_grid = dataclasses.replace(data, array=labels.astype(np.float32))

@@ -11,6 +11,7 @@ axes. A user error ends in one :class:`ImageReadError` sentence that names the f
 from __future__ import annotations
 
 import dataclasses
+import itertools
 
 import numpy as np
 from nibabel import orientations
@@ -40,6 +41,20 @@ class ImageData:
     def is_volume(self) -> bool:
         """True for data with patient geometry (an affine), False for plain 2D images."""
         return self.affine is not None
+
+    def with_given_spacing(self, given: tuple[float, float], source: str, rtol: float = 0.01) -> "ImageData | None":
+        """This image with a (row, col) pixel spacing ``given`` from outside the file (``source`` goes into
+        meta['spacing_source']), or None when the file's own spacing disagrees by more than ``rtol``.
+
+        Only a 2D image whose file carries no spacing (meta 'spacing_source' 'assumed') takes it: a file's
+        own header is never overridden, it is only compared (for a volume: with two of its axes).
+        """
+        if self.meta.get("spacing_source") == "assumed" and not self.is_volume:
+            return dataclasses.replace(self, spacing=tuple(float(g) for g in given),
+                                       meta={**self.meta, "spacing_source": source})
+        pairs = itertools.permutations(self.spacing, 2) if self.is_volume else [self.spacing]
+        agree = any(np.allclose(pair, given, rtol=rtol, atol=0.0) for pair in pairs)
+        return self if agree else None
 
 
 class ImageReadError(ValueError):

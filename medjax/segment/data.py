@@ -30,6 +30,7 @@ from medjax.data.demo import LESION_CLASSES
 from medjax.data.job_manifest import manifest_path, open_manifest
 from medjax.readers import read_image
 from medjax.data.labelled import eval_transform
+from medjax.data.slices import given_spacing
 from medjax.data.sources import DEMO_COLUMNS, demo_manifest, slice_source, use_run_demo_data
 
 SPLITS = ("train", "val", "test")
@@ -232,8 +233,9 @@ def _load_split(config, manifest, split, label_columns, extra, row_of, names, si
 
 def _slice_spacing(config, row, assumed: set):
     """The (row, col) and between-slice spacing of a row's slices, in mm (target spacing if resampled),
-    read from the file whose grid the masks are on (``native_grid``)."""
-    data = native_grid(config, row)
+    read from the file whose grid the masks are on (``native_grid``). Order: the file's own spacing, then
+    the manifest's pixel_spacing, then config.segment.assumed_spacing_mm, then 1 px."""
+    data = given_spacing(row, native_grid(config, row), row.path if config.data.mask_resample else row.mask_path)
     spacing = data.spacing
     if config.data.target_spacing:
         spacing = tuple(config.data.target_spacing)[: len(spacing)]

@@ -87,22 +87,22 @@ def test_label_table_nih_findings_split_lists_and_spacing(nih, tmp_path, capsys)
     status, text, err = _run(capsys, *_nih_args(nih, out, "--val-fraction", "0.34"))
     assert status == 0, err
     rows = _rows(out)
-    assert list(rows[0]) == ["patient_id", "path", "split", "Cardiomegaly", "Effusion", "Hernia", "Patient Age",
-                             "spacing_x", "spacing_y"]
-    got = [(r["patient_id"], r["path"], r["Cardiomegaly"], r["Effusion"], r["Hernia"], r["spacing_x"],
-            r["spacing_y"]) for r in rows]
-    assert got == [("1", "nih/images_001/images/00000001_000.png", "1", "1", "0", "0.143", "0.139"),
-                   ("1", "nih/images_001/images/00000001_001.png", "0", "0", "0", "0.143", "0.143"),
-                   ("2", "nih/images_001/images/00000002_000.png", "0", "0", "1", "0.168", "0.168"),
-                   ("3", "nih/images_002/images/00000003_000.png", "0", "0", "0", "0.143", "0.143"),
-                   ("4", "nih/images_002/images/00000004_000.png", "0", "1", "0", "0.139", "0.139")]
+    assert list(rows[0]) == ["patient_id", "path", "split", "Cardiomegaly", "Effusion", "Hernia", "pixel_spacing",
+                             "Patient Age"]
+    got = [(r["patient_id"], r["path"], r["Cardiomegaly"], r["Effusion"], r["Hernia"], r["pixel_spacing"])
+           for r in rows]
+    assert got == [("1", "nih/images_001/images/00000001_000.png", "1", "1", "0", "0.139,0.143"),  # row (y), col (x)
+                   ("1", "nih/images_001/images/00000001_001.png", "0", "0", "0", "0.143,0.143"),
+                   ("2", "nih/images_001/images/00000002_000.png", "0", "0", "1", "0.168,0.168"),
+                   ("3", "nih/images_002/images/00000003_000.png", "0", "0", "0", "0.143,0.143"),
+                   ("4", "nih/images_002/images/00000004_000.png", "0", "1", "0", "0.139,0.139")]
     splits = {r["patient_id"]: r["split"] for r in rows}
     assert splits["4"] == "test" and sorted(splits[p] for p in "123") == ["train", "train", "val"]
     assert rows[0]["split"] == rows[1]["split"]  # patient 1's two images stay together
     load_manifest(str(out), label_columns=("Cardiomegaly", "Effusion", "Hernia"),
-                  ignore_columns=("Patient Age", "spacing_x", "spacing_y"))
+                  ignore_columns=("Patient Age",))
     assert "1 image(s) of Data_Entry_2017.csv are in no split list and were left out (e.g. 00000005_000.png)" in text
-    assert "the PNG reader assumes 1 mm pixels" in text
+    assert "written as given, not rescaled" in text
     assert "--config.probe.label_column=Cardiomegaly,Effusion,Hernia" in text and "multi-label" in text
     assert "Hernia=1" in text and "Cardiomegaly=0" not in text
 
@@ -121,7 +121,7 @@ def test_label_table_lists_every_bad_row_at_once(nih, tmp_path, capsys):
     assert "images in two split lists" in err and "00000003_000.png: train and test (test_list.txt line 3)" in err
     assert "table images not found under ROOT" in err and "line 8: '00000009_000.png' (not found)" in err
     assert "finding cells that are empty" in err and "line 9: ''" in err
-    assert "pixel spacings that are no positive number" in err and "line 9: y]='-2'" in err
+    assert "pixel spacings (mm) or original sizes (pixels) that are no positive number" in err and "line 9: y]='-2'" in err
     assert "patients in two split lists" in err and "patient '2': test, train" in err
 
 
