@@ -42,7 +42,9 @@ def split_examples(config, manifest: str, split: str, label_columns, *, demo_rul
     several label columns a slice is kept when every column is labelled.
     """
     label_columns = (label_columns,) if isinstance(label_columns, str) else tuple(label_columns)
-    records = slice_source(config, manifest, split, label_columns=label_columns, extra_columns=extra_columns)
+    # Only the demo rule looks at the masks; a classification task neither checks nor reads them.
+    records = slice_source(config, manifest, split, label_columns=label_columns, extra_columns=extra_columns,
+                           masks=demo_rule)
     size, mean, std = config.crops.global_size, config.crops.mean[0], config.crops.std[0]
     xs, ys, pids = [], [], []
     for r in records:

@@ -91,7 +91,8 @@ def load_splits(config, workdir: str, run_dir: str | None = None, *, volumes: bo
             raise ValueError(f"config.finetune.targets names {column!r}, which is not a column of {path} "
                              f"(it has {', '.join(header)}); name its label columns.")
     extra = tuple(c for c in DEMO_COLUMNS if c not in columns and c in header) if demo else ()
-    manifest = open_manifest(config, path, label_columns=columns, label_key="config.finetune.targets", extra=extra)
+    manifest = open_manifest(config, path, label_columns=columns, label_key="config.finetune.targets", extra=extra,
+                             masks=demo)  # masks matter only to the demo's lesion rule
     for column in columns:
         check_labels(manifest, column)
     demo_lesion = [demo and c == "lesion" for c in columns]
@@ -112,11 +113,13 @@ def load_splits(config, workdir: str, run_dir: str | None = None, *, volumes: bo
 
 
 def _read_split(config, manifest_path, split, columns, slice_rule, extra, volumes) -> Split:
+    masks = any(slice_rule)  # only the demo's slice-level lesion rule looks at the masks
     if volumes:
         records = volume_source(config, manifest_path, split, label_columns=columns, extra_columns=extra,
-                                say=console.say)
+                                say=console.say, masks=masks)
     else:
-        records = slice_source(config, manifest_path, split, label_columns=columns, extra_columns=extra)
+        records = slice_source(config, manifest_path, split, label_columns=columns, extra_columns=extra,
+                               masks=masks)
     unit = "volume" if volumes else "slice"
     images, labels, patients = [], [], []
     for r in records:

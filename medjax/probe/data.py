@@ -37,7 +37,7 @@ def load_splits(config, workdir: str, run_dir: str):
     demo_rule = demo and not p.label_column
     ignore = tuple(c for c in DEMO_COLUMNS if c not in columns and c in header)
     loaded = open_manifest(config, manifest, label_columns=columns, label_key="config.probe.label_column",
-                           extra=ignore)
+                           extra=ignore, masks=demo_rule)
     if not multilabel:
         check_labels(loaded, columns[0])
     if multilabel:
