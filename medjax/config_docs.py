@@ -129,6 +129,17 @@ def config_docs(config_file: str, variant: str = "") -> list[KeyDoc]:
     return docs
 
 
+def flat_keys(tree: dict, prefix: str = "") -> dict:
+    """A nested config dict as ``{"section.key": value}``."""
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(flat_keys(value, f"{prefix}{key}."))
+        else:
+            out[prefix + key] = value
+    return out
+
+
 def split_config_flag(value: str) -> tuple[str, str]:
     """``"configs/x.py:variant"`` -> ``("configs/x.py", "variant")``."""
     path, _, variant = value.partition(":")

@@ -9,7 +9,9 @@ sentence and printed by ``medjax.main``.
 
 from __future__ import annotations
 
+import os
 import sys
+import traceback
 
 
 def _process_index() -> int:
@@ -33,3 +35,15 @@ def warn(message: str) -> None:
 def silent(message: str) -> None:
     """``say`` for callers that want no lines."""
     del message
+
+
+def raised_by_medjax(error: BaseException) -> bool:
+    """Whether the innermost Python frame that raised ``error`` is medjax's (or a config file's) code. A
+    user's mistake is named by a medjax check; a ValueError raised inside numpy or orbax is a bug that
+    ``medjax.main`` shows whole (an error raised in compiled code counts as its Python caller's)."""
+    frames = traceback.extract_tb(error.__traceback__)
+    if not frames:
+        return True
+    package = os.path.dirname(os.path.abspath(__file__))
+    innermost = os.path.abspath(frames[-1].filename)
+    return innermost.startswith(package + os.sep) or os.path.basename(os.path.dirname(innermost)) == "configs"

@@ -44,23 +44,13 @@ def describe_config(config, config_flag: str, say=console.say) -> list[config_do
     docs = config_docs.config_docs(path, variant)
     flat = {d.key: d for d in docs}
     say(f"Config {config_flag} (config.mode={config.mode!r}), {len(docs)} keys:")
-    for key, value in _flatten(config.to_dict()).items():
+    for key, value in config_docs.flat_keys(config.to_dict()).items():
         doc = flat.get(key)
         meaning = (doc.meaning if doc and doc.meaning else config_docs.NO_MEANING)
         changed = doc is not None and _show(doc.default) != _show(value)
         note = f"  [overridden; the file gives {_show(doc.default)}]" if changed else ""
         say(f"  {key} = {_show(value)}  # {meaning}{note}")
     return docs
-
-
-def _flatten(tree: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            out[prefix + key] = value
-    return out
 
 
 # ---------------------------------------------------------------- data

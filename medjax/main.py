@@ -94,25 +94,15 @@ def main(argv):
     except _user_errors() as e:
         if _TRACEBACK.value:
             raise
-        if not _raised_by_medjax(e):
+        from medjax import console
+
+        if not console.raised_by_medjax(e):
             print("medjax: an error was raised inside a library medjax calls, not by medjax's own checks; "
                   "this is probably a bug: please report it with the traceback below.", file=sys.stderr)
             raise
         print(f"medjax: error: {e}", file=sys.stderr)
         sys.exit(2)
 
-
-def _raised_by_medjax(error: BaseException) -> bool:
-    """Whether the innermost frame that raised ``error`` is medjax's (or a config file's) code. A user's
-    mistake is named by a medjax check; a ValueError from inside numpy or orbax is a bug to show whole."""
-    import traceback
-
-    frames = traceback.extract_tb(error.__traceback__)
-    if not frames:
-        return True
-    package = os.path.dirname(os.path.abspath(__file__))
-    innermost = os.path.abspath(frames[-1].filename)
-    return innermost.startswith(package + os.sep) or os.path.basename(os.path.dirname(innermost)) == "configs"
 
 
 def _flag_error(e: Exception, argv: list[str]) -> str:

@@ -24,6 +24,7 @@ import os
 
 from medjax import console
 from medjax.checkpoint import CheckpointMismatchError
+from medjax.config_docs import flat_keys
 
 # Dotted keys (or sections, ending in ".") whose change leaves what the run trains unchanged.
 FREE_KEYS = (
@@ -53,16 +54,6 @@ def run_meta(config, fingerprint: dict, global_batch: int) -> dict:
     return meta
 
 
-def _flatten(tree: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            out[prefix + key] = value
-    return out
-
-
 def _is_free(key: str) -> bool:
     return any(key == free or (free.endswith(".") and key.startswith(free)) for free in FREE_KEYS)
 
@@ -73,7 +64,7 @@ def _show(value) -> str:
 
 def changes(saved: dict, current: dict) -> list[str]:
     """One sentence per training-relevant difference between a checkpoint's meta and the current run's."""
-    old, new = _flatten(saved.get("config", {})), _flatten(current.get("config", {}))
+    old, new = flat_keys(saved.get("config", {})), flat_keys(current.get("config", {}))
     same_manifest_content = ("manifest_sha256" in saved and
                              saved.get("manifest_sha256") == current.get("manifest_sha256"))
     out = []

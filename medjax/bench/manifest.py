@@ -6,8 +6,9 @@ Writes a table shaped like NIH ChestX-ray14's Data_Entry_2017.csv (image name, f
 '|', follow-up, patient, age, sex, view, size and the two pixel-spacing columns), the official split
 lists (by patient, about 77 % train_val / 23 % test) and one tiny PNG per row in nested
 ``images_0NN/images/`` folders of 10,000 files each, as the dataset ships. Then times
-``make_manifest label-table`` with the split lists (one walk of the image folders, findings to
-0/1 columns, val carved by patient, CSV written) and ``load_manifest`` reading it back (every path
+``make_manifest label-table`` with the split lists and the pixel spacing rescaled to each PNG's size
+(one walk of the image folders, every PNG header opened, findings to 0/1 columns, val carved by
+patient, CSV written) and ``load_manifest`` reading it back (every path
 checked): the "checked manifest" a user waits for. Generation is not timed. Prints one line per
 phase and ``seconds_to_checked_manifest=X`` last.
 """
@@ -82,6 +83,7 @@ def main(argv):
         "label-table", root, "--out", out, "--table", paths["table"], "--image-column", "Image Index",
         "--patient-column", "Patient ID", "--labels-column", "Finding Labels",
         "--spacing-columns", "OriginalImagePixelSpacing[x,y]", "--keep-columns", "View Position",
+        "--original-size-columns", "OriginalImage[Width,Height]",  # every PNG's header is opened
         "--split-lists", f"train={paths['train']}", f"test={paths['test']}"])
     times = {}
     start = time.perf_counter()

@@ -166,31 +166,7 @@ def dicom_series_header(folder: str, series_uid: str | None = None, volume_index
     """``readers.dicom.read_dicom_series`` without decoding: the same grouping, choices and refusals."""
     from medjax.readers import dicom as rd
 
-    names = sorted(n for n in os.listdir(folder) if not n.startswith(".") and os.path.isfile(os.path.join(folder, n)))
-    groups: dict[str, list] = {}
-    skipped = []
-    for name in names:
-        path = os.path.join(folder, name)
-        ds = rd._read(path, skip_non_dicom=not name.lower().endswith((".dcm", ".dicom")))
-        if ds is not None and not rd._has_pixels(ds):
-            if rd._looks_like_image(ds):  # a truncated slice must not silently leave a gap
-                rd._require_pixels(ds, path)
-            ds = None
-        if ds is None:
-            skipped.append(name)
-            continue
-        groups.setdefault(str(ds.get("SeriesInstanceUID", "")), []).append((path, ds))
-    if not groups:
-        what = f"only non-image or non-DICOM files ({', '.join(skipped[:5])})" if skipped else "no files"
-        raise ImageReadError(f"{folder}: contains {what}, so no DICOM image series was found; subfolders are not "
-                             "searched, so point the manifest at the folder that holds the image files.")
-    listing = "; ".join(f"{uid} ({str(files[0][1].get('SeriesDescription', '')) or 'no description'!r}, "
-                        f"{len(files)} files)" for uid, files in groups.items())
-    if series_uid is None and len(groups) > 1:
-        raise ImageReadError(f"{folder}: holds {len(groups)} DICOM series ({listing}); pass series_uid to choose one.")
-    if series_uid is not None and series_uid not in groups:
-        raise ImageReadError(f"{folder}: has no series {series_uid!r}; the series found are: {listing}.")
-    files = groups[series_uid if series_uid is not None else next(iter(groups))]
+    files, _ = rd.series_files(folder, series_uid)
     if len(files) == 1:
         return _dataset_header(*files[0])
     mosaics = [p for p, ds in files if rd.is_mosaic(ds)]

@@ -66,33 +66,7 @@ def read_dicom_series(folder: str, series_uid: str | None = None, volume_index: 
     folder = os.fspath(folder)
     if not os.path.isdir(folder):
         raise ImageReadError(f"{folder}: not a folder; pass the folder that holds the series' files.")
-    names = sorted(n for n in os.listdir(folder) if not n.startswith(".") and os.path.isfile(os.path.join(folder, n)))
-    groups: dict[str, list[tuple[str, pydicom.Dataset]]] = {}
-    skipped = []
-    for name in names:
-        path = os.path.join(folder, name)
-        ds = _read(path, skip_non_dicom=not name.lower().endswith((".dcm", ".dicom")))
-        if ds is not None and not _has_pixels(ds):
-            if _looks_like_image(ds):  # a truncated slice must not silently leave a gap
-                _require_pixels(ds, path)
-            ds = None
-        if ds is None:
-            skipped.append(name)
-            continue
-        groups.setdefault(str(ds.get("SeriesInstanceUID", "")), []).append((path, ds))
-    if not groups:
-        what = f"only non-image or non-DICOM files ({', '.join(skipped[:5])})" if skipped else "no files"
-        raise ImageReadError(
-            f"{folder}: contains {what}, so no DICOM image series was found; subfolders are not searched, "
-            "so point the manifest at the folder that holds the image files."
-        )
-    listing = "; ".join(f"{uid} ({str(files[0][1].get('SeriesDescription', '')) or 'no description'!r}, "
-                        f"{len(files)} files)" for uid, files in groups.items())
-    if series_uid is None and len(groups) > 1:
-        raise ImageReadError(f"{folder}: holds {len(groups)} DICOM series ({listing}); pass series_uid to choose one.")
-    if series_uid is not None and series_uid not in groups:
-        raise ImageReadError(f"{folder}: has no series {series_uid!r}; the series found are: {listing}.")
-    files = groups[series_uid if series_uid is not None else next(iter(groups))]
+    files, skipped = series_files(folder, series_uid)
     warnings = []
     if skipped:
         warnings.append(f"skipped {len(skipped)} non-image or non-DICOM file(s): {', '.join(skipped[:5])}")
@@ -137,6 +111,38 @@ def _mosaic_series(folder: str, files: list, n_mosaics: int, volume_index: int |
     meta = {**image.meta, "source": folder, "file": path, "volume_index": int(volume_index),
             "num_volumes": len(files)}
     return dataclasses.replace(image, meta=meta)
+
+
+def series_files(folder: str, series_uid: str | None = None) -> tuple[list[tuple[str, pydicom.Dataset]], list[str]]:
+    """``(files, skipped)``: the (path, dataset) pairs of the folder's one series (or of ``series_uid``), and
+    the names of the non-image or non-DICOM files left out; several series without a choice are refused."""
+    names = sorted(n for n in os.listdir(folder) if not n.startswith(".") and os.path.isfile(os.path.join(folder, n)))
+    groups: dict[str, list[tuple[str, pydicom.Dataset]]] = {}
+    skipped = []
+    for name in names:
+        path = os.path.join(folder, name)
+        ds = _read(path, skip_non_dicom=not name.lower().endswith((".dcm", ".dicom")))
+        if ds is not None and not _has_pixels(ds):
+            if _looks_like_image(ds):  # a truncated slice must not silently leave a gap
+                _require_pixels(ds, path)
+            ds = None
+        if ds is None:
+            skipped.append(name)
+            continue
+        groups.setdefault(str(ds.get("SeriesInstanceUID", "")), []).append((path, ds))
+    if not groups:
+        what = f"only non-image or non-DICOM files ({', '.join(skipped[:5])})" if skipped else "no files"
+        raise ImageReadError(
+            f"{folder}: contains {what}, so no DICOM image series was found; subfolders are not searched, "
+            "so point the manifest at the folder that holds the image files."
+        )
+    listing = "; ".join(f"{uid} ({str(files[0][1].get('SeriesDescription', '')) or 'no description'!r}, "
+                        f"{len(files)} files)" for uid, files in groups.items())
+    if series_uid is None and len(groups) > 1:
+        raise ImageReadError(f"{folder}: holds {len(groups)} DICOM series ({listing}); pass series_uid to choose one.")
+    if series_uid is not None and series_uid not in groups:
+        raise ImageReadError(f"{folder}: has no series {series_uid!r}; the series found are: {listing}.")
+    return groups[series_uid if series_uid is not None else next(iter(groups))], skipped
 
 
 def _read(path: str, *, skip_non_dicom: bool) -> pydicom.Dataset | None:
