@@ -2,8 +2,13 @@
 session fixtures shared by the trainer tests."""
 
 import os
+import tempfile
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# One persistent XLA compilation cache per test session, set before JAX loads: the command-line runs the
+# tests start (each a fresh process) compile the same :smoke steps again, and with the cache each compiles once.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="medjax_tests_xla_cache_"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 
 import jax  # noqa: E402
 import pytest  # noqa: E402

@@ -8,7 +8,7 @@ import pytest
 
 from medjax import cross_validation
 from medjax.data import sources
-from medjax.data.manifest import ManifestError
+from medjax.data.manifest import KNOWN_COLUMNS, ManifestError
 from tests.helpers import load_config
 
 
@@ -162,9 +162,8 @@ def test_unknown_columns_name_the_config_keys(fold_csv):
     with pytest.raises(ManifestError) as exc:
         sources.split_rows(c, fold_csv, "train")
     msg = str(exc.value)
-    assert msg.endswith("unknown column(s) 'grade'; known columns are patient_id, path, split, fold, mask_path, "
-                        "series_uid; name columns to accept but leave out of the data in config.data.extra_columns, "
-                        "or rename or remove them.")
+    assert msg.endswith(f"unknown column(s) 'grade'; known columns are {', '.join(KNOWN_COLUMNS)}; name columns to "
+                        "accept but leave out of the data in config.data.extra_columns, or rename or remove them.")
 
 
 @pytest.mark.parametrize("config_name", ["dinov2_reg", "mae", "linear_probe", "finetune", "segment"])
