@@ -205,24 +205,8 @@ def _mosaic_series_header(folder: str, files: list, n_mosaics: int, volume_index
     """The file ``volume_index`` picks (acquisition order) of a folder of Siemens mosaics."""
     from medjax.readers import dicom as rd
 
-    if n_mosaics != len(files):
-        raise ImageReadError(f"{folder}: mixes {n_mosaics} Siemens mosaic files with {len(files) - n_mosaics} plain "
-                             "slices in one series; keep one kind in the folder.")
-
-    def when(item):  # AcquisitionNumber counts time points; InstanceNumber breaks ties
-        return tuple(rd._int(item[1].get(k)) if rd._int(item[1].get(k)) is not None else -1
-                     for k in ("AcquisitionNumber", "InstanceNumber")) + (os.path.basename(item[0]),)
-
-    files = sorted(files, key=when)
-    if volume_index is None or not 0 <= volume_index < len(files):
-        geometry = rd.mosaic_geometry(files[0][0], files[0][1], [])
-        shape = (*geometry.tile, geometry.n_slices, len(files))
-        asked = "" if volume_index is None else f"volume_index={volume_index} is not one of 0..{len(files) - 1}; "
-        raise ImageReadError(
-            f"{folder}: holds {len(files)} Siemens mosaic files, the time points of a 4D series of shape {shape} "
-            f"(rows, columns, slices, volumes); {asked}pick one with volume_index (config.data.volume_index in a "
-            "medjax config, 0 = the first) or point the manifest at one file.")
-    return dataclasses.replace(_dataset_header(*files[volume_index]), num_volumes=len(files))
+    picked = rd.mosaic_time_point(folder, files, n_mosaics, volume_index)
+    return dataclasses.replace(_dataset_header(*picked), num_volumes=len(files))
 
 
 def _dataset_header(path: str, ds) -> Header:

@@ -86,8 +86,9 @@ def read_dicom_series(folder: str, series_uid: str | None = None, volume_index: 
     return _volume(folder, files[0][1], slices, warnings)
 
 
-def _mosaic_series(folder: str, files: list, n_mosaics: int, volume_index: int | None, warnings: list) -> ImageData:
-    """One file (time point) of a folder of mosaic files, picked by ``volume_index`` in acquisition order."""
+def mosaic_time_point(folder: str, files: list, n_mosaics: int, volume_index: int | None):
+    """``(path, dataset)`` of the file (time point) ``volume_index`` picks, in acquisition order, of a folder of
+    Siemens mosaic files; a folder mixing mosaics and plain slices, or no valid choice, is refused."""
     if n_mosaics != len(files):
         raise ImageReadError(f"{folder}: mixes {n_mosaics} Siemens mosaic files with {len(files) - n_mosaics} plain "
                              "slices in one series; keep one kind in the folder.")
@@ -106,7 +107,12 @@ def _mosaic_series(folder: str, files: list, n_mosaics: int, volume_index: int |
             f"{folder}: holds {len(files)} Siemens mosaic files, the time points of a 4D series of shape {shape} "
             f"(rows, columns, slices, volumes); {asked}pick one with volume_index (config.data.volume_index in a "
             "medjax config, 0 = the first) or point the manifest at one file.")
-    path, ds = files[volume_index]
+    return files[volume_index]
+
+
+def _mosaic_series(folder: str, files: list, n_mosaics: int, volume_index: int | None, warnings: list) -> ImageData:
+    """One file (time point) of a folder of mosaic files, picked by ``volume_index`` in acquisition order."""
+    path, ds = mosaic_time_point(folder, files, n_mosaics, volume_index)
     image = _from_dataset(path, ds, warnings)
     meta = {**image.meta, "source": folder, "file": path, "volume_index": int(volume_index),
             "num_volumes": len(files)}
