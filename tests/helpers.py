@@ -1,6 +1,7 @@
 """What several test modules share: config files loaded as a user's run would load them, the command line,
 and checkpoints in a pretraining run's format written in seconds."""
 
+import csv
 import importlib.util
 import os
 import subprocess
@@ -60,3 +61,18 @@ def write_pretraining_checkpoints(workdir, config, steps=(1, 2)):
         ckpt.save(step, state, None, {"config": dumps_config(config), "fingerprint": tree_fingerprint(state)})
     ckpt.close()
     return workdir
+
+
+def csv_rows(path) -> list[dict]:
+    """A written manifest (or any CSV) as one dict per row."""
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def make_manifest_cli(capsys, *argv) -> tuple[int, str, str]:
+    """``python -m medjax.data.make_manifest ARGV`` in this process: (exit status, stdout, stderr)."""
+    from medjax.data import make_manifest
+
+    status = make_manifest.main([str(a) for a in argv])
+    out = capsys.readouterr()
+    return status, out.out, out.err

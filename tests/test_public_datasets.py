@@ -8,7 +8,6 @@ with one ``python -m medjax.data.make_manifest`` call each and no other code:
   and the series read back through a ``dicom-tree`` manifest for a series-type probe.
 """
 
-import csv
 import os
 
 import numpy as np
@@ -20,7 +19,7 @@ from medjax.finetune import trainer as finetune
 from medjax.pretrain import trainer as pretrain
 from medjax.probe import trainer as probe
 from medjax.segment import trainer as segment
-from tests.helpers import load_config, smoke_config
+from tests.helpers import csv_rows, load_config, smoke_config
 
 SIZE = 48  # the :smoke evaluation image size
 
@@ -39,11 +38,6 @@ def _make(*args) -> None:
 def _workdir(tmp_path, name: str) -> str:
     os.makedirs(tmp_path / name)
     return str(tmp_path / name)
-
-
-def _rows(path) -> list[dict]:
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +66,7 @@ def pretrained(brain_tumor, tmp_path_factory) -> str:
 
 
 def test_class_folders_to_probe_and_finetune(brain_tumor, pretrained, tmp_path):
-    rows = _rows(brain_tumor)
+    rows = csv_rows(brain_tumor)
     assert len(rows) == 32 and {r["split"] for r in rows} == {"train", "val", "test"}
     assert sum(r["split"] == "val" for r in rows) == 8  # 2 of 6 training images per class, stratified
 
@@ -104,7 +98,7 @@ def test_image_mask_folders_to_segmentation(pretrained, tmp_path):
     out = tmp_path / "covid.csv"
     _make("image-mask-folders", root, "--out", out, "--no-patient-ids", "--val-fraction", "0.25",
           "--test-fraction", "0.25")
-    assert all(r["mask_path"] for r in _rows(out))
+    assert all(r["mask_path"] for r in csv_rows(out))
 
     s = load_config("segment", "smoke")
     s.segment.checkpoint_dir, s.segment.manifest = pretrained, str(out)
@@ -135,7 +129,7 @@ def test_label_table_with_split_lists_to_multilabel_probe(pretrained, tmp_path):
           "--image-column", "Image Index", "--patient-column", "Patient ID", "--labels-column", "Finding Labels",
           "--separator", "|", "--split-lists", f"train={root / 'train_val_list.txt'}",
           f"test={root / 'test_list.txt'}", "--val-fraction", "0.34")
-    rows = _rows(out)
+    rows = csv_rows(out)
     assert [(r["Cardiomegaly"], r["Effusion"]) for r in rows[:4]] == [("1", "0"), ("1", "1"), ("0", "0"), ("0", "1")]
     assert "No Finding" not in rows[0]  # "No Finding" is all zeros, not a class
 
@@ -151,7 +145,7 @@ def test_label_table_with_split_lists_to_multilabel_probe(pretrained, tmp_path):
 def test_fold_table_of_dicom_series_to_pretraining_and_series_types(smoke_demo_dir, tmp_path):
     config = load_config("linear_probe", "smoke")
     config.data.demo_dir = str(smoke_demo_dir)
-    demo = _rows(sources.demo_manifest(config, str(tmp_path)))  # DICOM series folders, one per contrast
+    demo = csv_rows(sources.demo_manifest(config, str(tmp_path)))  # DICOM series folders, one per contrast
     root = os.path.dirname(os.path.join(str(smoke_demo_dir), demo[0]["path"]))
     root = os.path.dirname(root)  # the folder of the patients' folders
     patients = sorted({r["patient_id"] for r in demo})
@@ -162,7 +156,7 @@ def test_fold_table_of_dicom_series_to_pretraining_and_series_types(smoke_demo_d
     out = tmp_path / "knee.csv"
     _make("fold-table", root, "--out", out, "--table", tmp_path / "folds.csv", "--column", "PatientID=patient_id",
           "--column", "series=path")
-    assert {r["fold"] for r in _rows(out)} == {"0", "1", "2"} and "split" not in _rows(out)[0]
+    assert {r["fold"] for r in csv_rows(out)} == {"0", "1", "2"} and "split" not in csv_rows(out)[0]
 
     c = smoke_config()
     c.data.manifest, c.data.folds = str(out), '{"test": [0], "val": [1]}'
@@ -173,7 +167,7 @@ def test_fold_table_of_dicom_series_to_pretraining_and_series_types(smoke_demo_d
     series = tmp_path / "series.csv"
     _make("dicom-tree", root, "--out", series, "--label-from", "series_description", "--val-fraction", "0.25",
           "--test-fraction", "0.25")
-    rows = _rows(series)
+    rows = csv_rows(series)
     assert len(rows) == len(demo) and len({r["label"] for r in rows}) == 3  # T1, T2, FLAIR
     p = load_config("linear_probe", "smoke")
     p.probe.checkpoint_dir, p.probe.manifest, p.probe.label_column = run_dir, str(series), "label"

@@ -1,7 +1,6 @@
 """python -m medjax.data.make_manifest: folder layouts, fold tables, carving by patient, the CLI's listing
 of bad input and its summary; every written manifest is read back by load_manifest."""
 
-import csv
 import os
 
 import numpy as np
@@ -11,22 +10,13 @@ from PIL import Image
 from medjax.data import make_manifest as mm
 from medjax.data.layouts import Entry, Layout
 from medjax.data.manifest import fold_splits, load_manifest
+from tests.helpers import csv_rows
+from tests.helpers import make_manifest_cli as _run  # (status, stdout, stderr) of one command line
 
 
 def _png(path, value=0, size=(6, 4)):
     os.makedirs(os.path.dirname(path), exist_ok=True)
     Image.fromarray(np.full(size, value, np.uint8)).save(path)
-
-
-def _rows(path):
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
-
-
-def _run(capsys, *argv):
-    status = mm.main([str(a) for a in argv])
-    out = capsys.readouterr()
-    return status, out.out, out.err
 
 
 @pytest.fixture
@@ -46,7 +36,7 @@ def test_class_folders_map_split_folders_and_carve_val_by_class(brain_tumor, tmp
     status, text, err = _run(capsys, "class-folders", brain_tumor, "--out", out, "--no-patient-ids",
                              "--val-fraction", "0.25")
     assert status == 0, err
-    rows = _rows(out)
+    rows = csv_rows(out)
     assert list(rows[0]) == ["patient_id", "path", "split", "label"]
     assert len(rows) == 12
     splits = {(r["split"], r["label"]): 0 for r in rows}
@@ -88,7 +78,7 @@ def test_class_folders_patient_pattern_keeps_patients_whole(tmp_path, capsys):
     status, _, err = _run(capsys, "class-folders", root, "--out", out, "--patient-pattern", r"pat(\d+)_",
                           "--val-fraction", "0.2", "--test-fraction", "0.2", "--seed", "3")
     assert status == 0, err
-    rows = _rows(out)
+    rows = csv_rows(out)
     by_patient = {}
     for r in rows:
         by_patient.setdefault(r["patient_id"], set()).add(r["split"])
@@ -100,7 +90,7 @@ def test_class_folders_patient_pattern_keeps_patients_whole(tmp_path, capsys):
                       ("test", "sick"): 3, ("test", "well"): 3}  # one patient of each class in val and test
     status, _, _ = _run(capsys, "class-folders", root, "--out", tmp_path / "again.csv", "--patient-pattern",
                         r"pat(\d+)_", "--val-fraction", "0.2", "--test-fraction", "0.2", "--seed", "3")
-    assert _rows(tmp_path / "again.csv") == rows  # deterministic for a seed
+    assert csv_rows(tmp_path / "again.csv") == rows  # deterministic for a seed
 
 
 def test_carving_is_by_patient_stratified_and_seeded():
@@ -141,7 +131,7 @@ def test_image_mask_folders_pair_by_stem(covid, tmp_path, capsys):
     status, text, err = _run(capsys, "image-mask-folders", covid, "--out", out, r"--patient-pattern=-(\d+)\.",
                              "--val-fraction", "0", "--test-fraction", "0.34")
     assert status == 0, err
-    rows = _rows(out)
+    rows = csv_rows(out)
     assert list(rows[0]) == ["patient_id", "path", "split", "label", "mask_path"]
     assert {(r["path"], r["mask_path"], r["label"]) for r in rows} == {
         (f"covid/{c}/images/{c}-{i}.png", f"covid/{c}/masks/{c}-{i}.png", c) for c in ("COVID", "Normal")
@@ -161,7 +151,7 @@ def test_image_mask_folders_flat_layout_and_size_note(tmp_path, capsys):
     status, text, err = _run(capsys, "image-mask-folders", root, "--out", out, "--no-patient-ids",
                              "--val-fraction", "0", "--test-fraction", "0")
     assert status == 0, err
-    assert _rows(out) == [{"patient_id": "images/a.png", "path": "flat/images/a.png", "split": "train",
+    assert csv_rows(out) == [{"patient_id": "images/a.png", "path": "flat/images/a.png", "split": "train",
                            "mask_path": "flat/masks/a.png"}]  # nothing carved: every row trains
     assert "1 of 1 masks checked have another size than their image" in text and "mask_resample=True" in text
     assert "masks store the values 255 (first 1 masks)" in text
@@ -183,19 +173,25 @@ def test_image_mask_folders_list_every_unpaired_file(covid, tmp_path, capsys):
     assert "1 x empty class folders" in err and "covid/Viral" in err
 
 
-def test_fold_table_renames_folds_and_splits(tmp_path, capsys):
+def _knee_fold_table(tmp_path, *, scanner: bool):
+    """Six patients' series folders in ROOT/knee and a PatientID,series,fold,grade[,scanner] table of them."""
     root = tmp_path / "knee"
-    lines = ["PatientID,series,fold,grade,scanner"]
+    lines = ["PatientID,series,fold,grade" + (",scanner" if scanner else "")]
     for p in range(6):
         os.makedirs(root / f"P{p}" / "sag")
-        lines.append(f"P{p},P{p}/sag,{p % 3},{p % 2},S{p}")
+        lines.append(f"P{p},P{p}/sag,{p % 3},{p % 2}" + (f",S{p}" if scanner else ""))
     (tmp_path / "folds.csv").write_text("\n".join(lines) + "\n")
+    return root, tmp_path / "folds.csv"
+
+
+def test_fold_table_renames_folds_and_splits(tmp_path, capsys):
+    root, table = _knee_fold_table(tmp_path, scanner=True)
     out = tmp_path / "out" / "m.csv"
-    status, text, err = _run(capsys, "fold-table", root, "--table", tmp_path / "folds.csv", "--out", out,
+    status, text, err = _run(capsys, "fold-table", root, "--table", table, "--out", out,
                              "--column", "PatientID=patient_id", "--column", "series=path",
                              "--label-columns", "grade", "--test-fold", "2", "--val-fold", "1")
     assert status == 0, err
-    rows = _rows(out)
+    rows = csv_rows(out)
     assert list(rows[0]) == ["patient_id", "path", "split", "fold", "grade", "scanner"]
     assert [(r["patient_id"], r["path"], r["fold"], r["split"], r["grade"]) for r in rows[:3]] == [
         ("P0", "../knee/P0/sag", "0", "train", "0"), ("P1", "../knee/P1/sag", "1", "val", "1"),
@@ -214,17 +210,12 @@ def test_fold_table_renames_folds_and_splits(tmp_path, capsys):
 
 
 def test_fold_table_without_test_fold_writes_folds_for_config_data_folds(tmp_path, capsys):
-    root = tmp_path / "knee"
-    lines = ["PatientID,series,fold,grade"]
-    for p in range(6):
-        os.makedirs(root / f"P{p}" / "sag")
-        lines.append(f"P{p},P{p}/sag,{p % 3},{p % 2}")
-    (tmp_path / "folds.csv").write_text("\n".join(lines) + "\n")
+    root, table = _knee_fold_table(tmp_path, scanner=False)
     out = tmp_path / "m.csv"
-    status, text, err = _run(capsys, "fold-table", root, "--table", tmp_path / "folds.csv", "--out", out,
+    status, text, err = _run(capsys, "fold-table", root, "--table", table, "--out", out,
                              "--column", "PatientID=patient_id", "--column", "series=path", "--label-columns", "grade")
     assert status == 0, err
-    rows = _rows(out)
+    rows = csv_rows(out)
     assert list(rows[0]) == ["patient_id", "path", "fold", "grade"]  # no split: the jobs map the folds
     assert [r["fold"] for r in rows] == ["0", "1", "2", "0", "1", "2"]
     assert """'--config.data.folds={"test": [0], "val": [1]}'""" in text

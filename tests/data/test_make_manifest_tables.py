@@ -2,7 +2,6 @@
 tables, SIIM-style run-length masks (pixel-for-pixel against the DICOM as medjax reads it) and DICOM
 trees grouped by series; bad input listed all at once with exit status 1."""
 
-import csv
 import os
 
 import numpy as np
@@ -13,10 +12,11 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ComputedRadiographyImageStorage, ExplicitVRLittleEndian, generate_uid
 
 from medjax.data import check
-from medjax.data import make_manifest as mm
 from medjax.data.dicom_layouts import rle_mask, rle_runs
 from medjax.data.manifest import load_manifest
 from medjax.readers import read_image
+from tests.helpers import csv_rows
+from tests.helpers import make_manifest_cli as _run  # (status, stdout, stderr) of one command line
 
 
 def _png(path, value=0, size=(4, 4)):
@@ -42,17 +42,6 @@ def _dicom(path, pixels, *, patient="P1", series=None, sop=None, description="",
     ds.PixelData = np.ascontiguousarray(pixels, dtype="<u2").tobytes()
     pydicom.dcmwrite(path, ds, enforce_file_format=True)
     return sop
-
-
-def _rows(path):
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
-
-
-def _run(capsys, *argv):
-    status = mm.main([str(a) for a in argv])
-    out = capsys.readouterr()
-    return status, out.out, out.err
 
 
 NIH_HEADER = "Image Index,Finding Labels,Follow-up #,Patient ID,Patient Age,OriginalImagePixelSpacing[x,y]\n"
@@ -86,7 +75,7 @@ def test_label_table_nih_findings_split_lists_and_spacing(nih, tmp_path, capsys)
     out = tmp_path / "m.csv"
     status, text, err = _run(capsys, *_nih_args(nih, out, "--val-fraction", "0.34"))
     assert status == 0, err
-    rows = _rows(out)
+    rows = csv_rows(out)
     assert list(rows[0]) == ["patient_id", "path", "split", "Cardiomegaly", "Effusion", "Hernia", "pixel_spacing",
                              "Patient Age"]
     got = [(r["patient_id"], r["path"], r["Cardiomegaly"], r["Effusion"], r["Hernia"], r["pixel_spacing"])
@@ -151,7 +140,7 @@ def test_label_table_chexpert_keeps_uncertain_and_blank(chexpert, tmp_path, caps
                              "AP/PA", "--keep-columns", "Frontal/Lateral", "--val-fraction", "0",
                              "--test-fraction", "0.34")
     assert status == 0, err
-    rows = _rows(out)
+    rows = csv_rows(out)
     assert list(rows[0]) == ["patient_id", "path", "split", "No Finding", "Cardiomegaly", "Edema", "Frontal/Lateral"]
     assert [(r["patient_id"], r["No Finding"], r["Cardiomegaly"], r["Edema"]) for r in rows] == [
         ("00001", "1", "", ""), ("00001", "1", "0", ""), ("00002", "", "-1", "1"), ("00003", "0", "1", "-1")]
@@ -221,7 +210,7 @@ def test_rle_table_masks_line_up_with_the_dicom_pixel_for_pixel(tmp_path, capsys
     status, text, err = _run(capsys, "rle-table", root, "--table", table, "--out", out, "--val-fraction", "0",
                              "--test-fraction", "0")
     assert status == 0, err
-    rows = _rows(out)
+    rows = csv_rows(out)
     assert [(r["patient_id"], r["pneumothorax"], r["mask_path"]) for r in rows] == [
         ("pat-a", "1", "masks/1.2.276.1.png"), ("pat-b", "0", "masks/1.2.276.2.png")]
     manifest = load_manifest(str(out), label_columns=("pneumothorax",))
@@ -268,7 +257,7 @@ def test_dicom_tree_one_row_per_series_with_labels_from_a_map(tmp_path, capsys):
     status, text, err = _run(capsys, "dicom-tree", root, "--out", out, "--label-map", label_map,
                              "--val-fraction", "0", "--test-fraction", "0")
     assert status == 0, err
-    rows = _rows(out)
+    rows = csv_rows(out)
     assert list(rows[0]) == ["patient_id", "path", "split", "label", "series_uid", "series_description", "modality"]
     got = sorted((r["patient_id"], r["path"], r["label"], r["series_uid"], r["series_description"]) for r in rows)
     assert got == [("PAT1", "mri/PAT1/study/mixed", "", flair, "FLAIR"),
@@ -279,4 +268,4 @@ def test_dicom_tree_one_row_per_series_with_labels_from_a_map(tmp_path, capsys):
     assert "1 series have an empty PatientID; their patient is the first folder under ROOT" in text
     assert "1 series got no label" in text and "1 file(s) under ROOT are no DICOM image" in text
     status, _, _ = _run(capsys, "dicom-tree", root, "--out", out, "--label-from", "series_description")
-    assert status == 0 and sorted(r["label"] for r in _rows(out)) == ["FLAIR", "T1 SE", "T1 post", "t2_fse"]
+    assert status == 0 and sorted(r["label"] for r in csv_rows(out)) == ["FLAIR", "T1 SE", "T1 post", "t2_fse"]
