@@ -29,6 +29,7 @@ def data_config() -> ml_collections.ConfigDict:
     # JSON: which folds of the manifest's integer fold column are test and val, e.g. '{"test": [0], "val": [1]}'
     # (folds not named -> train); empty = the manifest's split column
     d.folds = ""
+    d.uncertain_labels = "ignore"  # a -1 (uncertain) cell of a 0/1 label column: ignore (left out of loss and AUC) | zeros | ones
     d.slice_axis = "axial"  # axial | coronal | sagittal: 2D slices cut from each volume
     d.skip_background = True  # True: slices that are almost all background are left out of the index
     # Intensity normalisation per volume, JSON: {"method": "percentile", "low": .., "high": ..} (MRI,
@@ -47,9 +48,10 @@ def data_config() -> ml_collections.ConfigDict:
     d.index_dir = ""  # if set, index builds keep each finished row there, so an interrupted build resumes
     d.index_from_headers = True  # True: without background skipping or masks, slices are counted from file headers
     d.demo_dir = ""  # where the demo dataset is written; empty = WORKDIR/demo_data
+    d.demo_kind = "mri"  # built-in demo dataset: mri (brain MRI series) | cxr (chest X-ray films, lung masks)
     d.demo_patients = 60  # built-in demo dataset: number of synthetic patients
-    d.demo_slices = 16  # built-in demo dataset: axial slices per series
-    d.demo_image_size = 256  # built-in demo dataset: rows and columns of each slice
+    d.demo_slices = 16  # built-in demo dataset: axial slices per series (mri only)
+    d.demo_image_size = 256  # built-in demo dataset: rows and columns of each slice or film
     return d
 
 
@@ -58,6 +60,17 @@ def use_demo_data(data: ml_collections.ConfigDict) -> None:
     data.demo_patients = 40
     data.demo_image_size = 128
     data.volumes_in_memory = 128  # all 120 demo series (1 MB each): no re-decoding
+    data.num_workers = 0
+
+
+def use_demo_cxr_data(data: ml_collections.ConfigDict) -> None:
+    """The ``:demo_cxr`` runs' dataset: the synthetic chest X-ray films of 60 patients (40 / 10 / 10 by split,
+    about 110 films at 128 px). An evaluation ``:demo`` config reuses a ``:demo_cxr`` run's files with
+    ``--config.data.demo_kind=cxr --config.data.demo_patients=60``."""
+    data.demo_kind = "cxr"
+    data.demo_patients = 60
+    data.demo_image_size = 128
+    data.volumes_in_memory = 128  # every film stays decoded (64 KB each)
     data.num_workers = 0
 
 

@@ -4,7 +4,8 @@ and its variants.
 
     python -m medjax.main --config=configs/mae.py:demo --workdir=runs/mae_demo
 
-Variants: demo (minutes on a laptop CPU, then MAE vs random init), demo3d (3D volumes), smoke (seconds,
+Variants: demo (minutes on a laptop CPU, then MAE vs random init), demo_cxr (the same on the synthetic chest
+X-rays, no flips), demo3d (3D volumes), smoke (seconds,
 for tests), bench (the benchmark model), vitb16, vitl16, vith14 (the official sizes). The encoder is
 medjax's ViT (``config.model``, the same keys as configs/dinov2_reg.py), so every evaluation job opens an
 MAE run as it opens a DINOv2 one.
@@ -20,7 +21,7 @@ import ml_collections
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the shared pieces beside this file
 import config_lib  # noqa: E402
 
-VARIANTS = ("", "demo", "demo3d", "smoke", "bench", "vitb16", "vitl16", "vith14")
+VARIANTS = ("", "demo", "demo_cxr", "demo3d", "smoke", "bench", "vitb16", "vitl16", "vith14")
 SIZES = {"vitb16": ("vit_base", 16), "vitl16": ("vit_large", 16), "vith14": ("vit_huge", 14)}
 
 
@@ -120,6 +121,18 @@ def apply_variant(c: ml_collections.ConfigDict, variant: str) -> ml_collections.
         c.evals.compare_runs = "runs/demo"  # the README's DINOv2 demo run, when it is there
         c.train.log_every = 21
         c.train.checkpoint_every = c.train.plot_every = 168
+    elif variant == "demo_cxr":
+        # The demo's model on the chest X-ray demo's 128 px films (about 75 in train, 2-3 steps of 32 per pass):
+        # 150 passes, about 350 steps. No left-right flips: a chest film is not symmetric (heart, aortic knob
+        # and gastric bubble on the patient's left). Ends with MAE vs random init on the 3-class diagnosis.
+        _scale_down(c, embed=192, depth=6, heads=3, patch=14, size=112, decoder=(128, 2, 4), batch=32, epochs=150)
+        c.optim.base_lr = 1e-2
+        c.crops.flip_p = 0.0
+        config_lib.use_demo_cxr_data(c.data)
+        c.evals.final = True
+        c.evals.label_column = "diagnosis"
+        c.train.log_every = 20
+        c.train.checkpoint_every = c.train.plot_every = 100
     elif variant == "demo3d":
         # The 3D demo volumes at 3 mm isotropic (75 x 75 x 16 voxels), 32^3 cubes of 8^3 patches: 64 tokens.
         # 84 training volumes: 5 steps per pass, 60 passes (300 steps, about 1 min on 2 CPU cores).

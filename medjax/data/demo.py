@@ -22,7 +22,8 @@ Layout under `out_dir` (paths in the manifest are relative to it):
 Pixel data is a function of (seed, patient index) only, so two writes with the
 same seed give byte-identical pixel data (and, for DICOM, identical files: the
 UIDs are derived from the seed). Command line:
-``python -m medjax.data.demo OUT_DIR [--patients N] [--seed S]``.
+``python -m medjax.data.demo OUT_DIR [--patients N] [--seed S]``; ``--kind=cxr`` writes the chest X-ray
+demo instead (``medjax.data.demo_cxr``).
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ import time
 import numpy as np
 
 from medjax.data.demo_anatomy import CONTRASTS, synthesize_subject
+from medjax.data.demo_dicom import decimal_string as _ds
+from medjax.data.demo_dicom import demo_uid as _uid
 
 LESION_CLASSES = ("none", "round", "ring", "diffuse")  # the `lesion` column holds the index into this
 # Bumped when the files written change (2: tissue label maps), so an older demo folder is rewritten.
@@ -94,17 +97,6 @@ def _quantise(volume: np.ndarray):
     slope = float(f"{float(volume.max()) / (MAX_STORED - 95):.6g}")  # a little headroom under 4095
     stored = np.clip(np.rint(volume / np.float32(slope)), 0, MAX_STORED).astype(np.uint16)
     return stored, slope
-
-
-def _ds(x: float) -> str:
-    """A DICOM decimal string (at most 16 characters)."""
-    return format(float(x), ".10g")
-
-
-def _uid(seed: int, *parts) -> str:
-    from pydicom.uid import generate_uid
-
-    return generate_uid(entropy_srcs=["medjax-demo", str(seed), *map(str, parts)])
 
 
 def _write_dicom_series(folder: str, stored: np.ndarray, slope: float, geom, seq: dict, info: dict,
@@ -257,25 +249,38 @@ def _write_manifest(path: str, rows) -> None:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m medjax.data.demo",
-        description="Write the synthetic brain-MRI demo dataset (DICOM, NIfTI, manifest.csv).")
+        description="Write a synthetic demo dataset: brain MRI (--kind=mri: DICOM, NIfTI, manifest.csv) or chest "
+                    "X-ray (--kind=cxr: 16-bit PNG, DICOM CR/DX, lung masks, NIH-style tables, manifest.csv).")
     parser.add_argument("out_dir")
-    parser.add_argument("--patients", type=int, default=24)
+    parser.add_argument("--kind", choices=("mri", "cxr"), default="mri")
+    parser.add_argument("--patients", type=int, default=None, help="default 24 (mri) or 40 (cxr)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--image-size", type=int, default=128)
-    parser.add_argument("--slices", type=int, default=16)
-    parser.add_argument("--formats", default=",".join(FORMATS), help="comma-separated: dicom,nifti")
-    parser.add_argument("--contrasts", default=",".join(CONTRASTS), help="comma-separated: T1,T2,FLAIR")
+    parser.add_argument("--slices", type=int, default=16, help="mri only")
+    parser.add_argument("--formats", default=",".join(FORMATS), help="mri only; comma-separated: dicom,nifti")
+    parser.add_argument("--contrasts", default=",".join(CONTRASTS), help="mri only; comma-separated: T1,T2,FLAIR")
     args = parser.parse_args(argv)
     start = time.perf_counter()
     try:
-        path = write_demo_dataset(args.out_dir, num_patients=args.patients, seed=args.seed,
-                                  image_size=args.image_size, slices=args.slices,
-                                  formats=[f for f in args.formats.split(",") if f],
-                                  contrasts=[c for c in args.contrasts.split(",") if c])
+        if args.kind == "cxr":
+            from medjax.data.demo_cxr import DEFAULT_PATIENTS, write_cxr_dataset
+
+            mri_only = [f"--{name}" for name in ("slices", "formats", "contrasts")
+                        if getattr(args, name) != parser.get_default(name)]
+            if mri_only:
+                raise ValueError(f"{', '.join(mri_only)} apply to --kind=mri only; leave them out with --kind=cxr.")
+            patients = DEFAULT_PATIENTS if args.patients is None else args.patients
+            path = write_cxr_dataset(args.out_dir, num_patients=patients, seed=args.seed,
+                                     image_size=args.image_size)
+        else:
+            patients = 24 if args.patients is None else args.patients
+            path = write_demo_dataset(args.out_dir, num_patients=patients, seed=args.seed,
+                                      image_size=args.image_size, slices=args.slices,
+                                      formats=[f for f in args.formats.split(",") if f],
+                                      contrasts=[c for c in args.contrasts.split(",") if c])
     except ValueError as e:
         parser.error(str(e))
-    print(f"wrote {path} ({args.patients} patients) in {time.perf_counter() - start:.1f} s")
-
+    print(f"wrote {path} ({patients} {args.kind} patients) in {time.perf_counter() - start:.1f} s")
 
 if __name__ == "__main__":
     main()

@@ -21,18 +21,56 @@ import numpy as np
 from medjax import sharding
 from medjax.data.cache import CachedRecords, cache_is_valid, write_cache
 from medjax.data.demo import DEMO_LAYOUT_VERSION, write_demo_dataset
+from medjax.data.demo_cxr import CXR_LAYOUT_VERSION, DIAGNOSES, FINDINGS, write_cxr_dataset
 from medjax.data.label_maps import check_mask_values
 from medjax.data import job_manifest
 from medjax.data.slices import SliceIndex, VolumeIndex
 
-DEMO_COLUMNS = ("lesion", "contrast", "series_description")  # the demo manifest's label and extra columns
+# The demo manifests' label and extra columns: the brain-MRI demo's, then the chest X-ray demo's.
+DEMO_COLUMNS = ("lesion", "contrast", "series_description", *FINDINGS, "diagnosis", "follow_up")
+DEMO_KINDS = ("mri", "cxr")
+CXR_EXAMPLE_LABELS = ",".join(FINDINGS)
+
+
+def demo_kind(config) -> str:
+    """``config.data.demo_kind``, checked: one sentence naming the key."""
+    kind = config.data.demo_kind
+    if kind not in DEMO_KINDS:
+        raise ValueError(f"config.data.demo_kind={kind!r} is not valid; choose mri (brain MRI) or cxr (chest X-ray).")
+    return kind
 
 
 def demo_fingerprint(config) -> dict:
-    """What identifies a written demo dataset: its size, seed and file layout."""
+    """What identifies a written demo dataset: its kind, size, seed and file layout. The brain-MRI demo's
+    stamp has no kind (as before the chest X-ray demo), so its folders stay valid and never match a CXR one."""
     d = config.data
+    if demo_kind(config) == "cxr":
+        return {"kind": "cxr", "patients": d.demo_patients, "image_size": d.demo_image_size, "seed": config.seed,
+                "layout": CXR_LAYOUT_VERSION}
     return {"patients": d.demo_patients, "image_size": d.demo_image_size, "slices": d.demo_slices,
             "seed": config.seed, "layout": DEMO_LAYOUT_VERSION}
+
+
+def check_cxr_demo_labels(config) -> None:
+    """With the chest X-ray demo, a job whose label setting is empty (which on the brain-MRI demo means its
+    ``lesion`` class) or that would read the MRI demo's masks ends in one sentence naming the key to set."""
+    if demo_kind(config) != "cxr":
+        return
+    labels = f"{CXR_EXAMPLE_LABELS} (multi-label) or diagnosis ({' / '.join(DIAGNOSES)})"
+    where = "the chest X-ray demo (config.data.demo_kind='cxr') has no lesion column"
+    if "segment" in config and not config.segment.manifest:
+        raise ValueError(f"config.segment.manifest is empty, which means the brain-MRI demo's {config.segment.demo_masks} "
+                         "masks; for the chest X-ray demo's lung masks set config.segment.manifest to its manifest.csv "
+                         "(WORKDIR/demo_data/manifest.csv, written by any job with config.data.demo_kind='cxr', or "
+                         "python -m medjax.data.demo OUT --kind=cxr) and config.segment.class_names="
+                         "('background','right_lung','left_lung').")
+    if "finetune" in config and not config.finetune.targets:
+        raise ValueError(f"config.finetune.targets is empty and {where}; name its columns, e.g. "
+                         f"--config.finetune.targets='(\"diagnosis\",)', from {labels}.")
+    if "probe" in config and not config.probe.label_column:
+        key = "config.evals.label_column" if "evals" in config else "config.probe.label_column"
+        raise ValueError(f"{key} is empty and {where}; name its columns, e.g. {key}={CXR_EXAMPLE_LABELS}, from "
+                         f"{labels}.")
 
 
 def is_demo_folder(folder: str, fingerprint: dict) -> bool:
@@ -45,30 +83,41 @@ def is_demo_folder(folder: str, fingerprint: dict) -> bool:
 
 
 def demo_manifest(config, workdir: str, say=None) -> str:
-    """Writes the built-in demo dataset (real DICOM series + NIfTI masks) once; returns its manifest."""
+    """Writes the built-in demo dataset once (``config.data.demo_kind``: brain MRI, real DICOM series + NIfTI
+    masks; or chest X-ray, PNG + DICOM films with lung masks); returns its manifest."""
     d = config.data
+    check_cxr_demo_labels(config)
     out = d.demo_dir or os.path.join(workdir, "demo_data")
     manifest = os.path.join(out, "manifest.csv")
     fingerprint = demo_fingerprint(config)
     current = is_demo_folder(out, fingerprint)
     stamp = os.path.join(out, "demo.json")
+    cxr = fingerprint.get("kind") == "cxr"
     if not current and jax.process_index() == 0:
+        if os.path.exists(stamp):
+            os.remove(stamp)  # a half-rewritten folder must not pass for the old dataset
         if say:
+            what = "chest X-ray patients, PA films as PNG and DICOM" if cxr else \
+                "brain-MRI patients, T1/T2/FLAIR DICOM series"
             say(f"config.data.manifest is empty: writing the built-in demo dataset ({d.demo_patients} synthetic "
-                f"brain-MRI patients, T1/T2/FLAIR DICOM series) to {out} ...")
-        write_demo_dataset(out, num_patients=d.demo_patients, seed=config.seed, image_size=d.demo_image_size,
-                           slices=d.demo_slices)
+                f"{what}) to {out} ...")
+        if cxr:
+            write_cxr_dataset(out, num_patients=d.demo_patients, seed=config.seed, image_size=d.demo_image_size)
+        else:
+            write_demo_dataset(out, num_patients=d.demo_patients, seed=config.seed, image_size=d.demo_image_size,
+                               slices=d.demo_slices)
         with open(stamp, "w") as f:
             json.dump(fingerprint, f)
     elif say:
-        say(f"config.data.manifest is empty: using the built-in demo dataset in {out}.")
+        say(f"config.data.manifest is empty: using the built-in {'chest X-ray' if cxr else 'brain-MRI'} demo "
+            f"dataset in {out}.")
     sharding.barrier("medjax_demo_data")  # the other processes read what process 0 wrote
     return manifest
 
 
 def use_run_demo_data(config, run_dir: str) -> None:
     """With no manifest and no demo_dir, point ``config.data.demo_dir`` at the pretraining run's demo files
-    when they are the same dataset (never rewriting that run's folder)."""
+    when they are the same dataset, of the same ``config.data.demo_kind`` (never rewriting that run's folder)."""
     run_data = os.path.join(os.path.abspath(run_dir), "demo_data")
     if not config.data.demo_dir and is_demo_folder(run_data, demo_fingerprint(config)):
         config.data.demo_dir = run_data
