@@ -5,8 +5,10 @@
 
 Variants: demo (minutes on a laptop CPU), demo_cxr (the same on the synthetic chest X-rays, no flips),
 smoke (seconds, for tests), bench (the benchmark model),
-vits14, vitb14, vitl14, vitg14 (the official sizes). dinov2.py, dino.py and dinov2_reg_3d.py are
-this recipe with fewer parts or with cubes; a variant only states what it changes.
+vits14, vitb14 (the official sizes with the default recipe), vitl14, vitl16_short, vitg14 (the official
+train configs configs/train/*.yaml, every key, as tests/pretrain/test_official_configs.py checks on
+configs/dinov2.py). dinov2.py, dino.py and dinov2_reg_3d.py are this recipe with fewer parts or with
+cubes; a variant only states what it changes.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from ml_collections import config_dict
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the shared pieces beside this file
 import config_lib  # noqa: E402
 
-VARIANTS = ("", "demo", "demo_cxr", "smoke", "bench", "vits14", "vitb14", "vitl14", "vitg14")
+VARIANTS = ("", "demo", "demo_cxr", "smoke", "bench", "vits14", "vitb14", "vitl14", "vitl16_short", "vitg14")
 
 
 def get_config(variant: str = "", *, registers: int = 4, ibot: bool = True, koleo: bool = True,
@@ -68,11 +70,17 @@ def recipe(*, registers: int, ibot: bool = True, koleo: bool = True) -> ml_colle
     c.head.nlayers = 3  # layers of the projection head's MLP
     c.head.ibot_separate_head = False  # True: iBOT gets its own head; False: it shares the DINO head
     c.head.ibot_n_prototypes = 65536  # used only with a separate iBOT head
+    c.head.ibot_hidden_dim = 2048  # separate iBOT head only: width of its hidden layers
+    c.head.ibot_bottleneck_dim = 256  # separate iBOT head only: width of its bottleneck
+    c.head.ibot_nlayers = 3  # separate iBOT head only: layers of its MLP
 
     c.loss = ml_collections.ConfigDict()
     c.loss.dino_weight = 1.0  # weight of the DINO (CLS token) loss
     c.loss.ibot_weight = 1.0 if ibot else 0.0  # weight of the iBOT (masked patch) loss; 0 = off
     c.loss.koleo_weight = 0.1 if koleo else 0.0  # weight of the KoLeo spreading regulariser; 0 = off
+    # device: KoLeo's nearest neighbours are searched among each device's batch_size_per_device images, as
+    # the reference does per GPU (so the loss depends on the per-device batch); global: the whole batch.
+    c.loss.koleo_batch = "device"
     c.loss.centering = "softmax"  # softmax (EMA centre) | sinkhorn_knopp
     c.loss.student_temp = 0.1  # softmax temperature of the student's outputs
     c.loss.center_momentum = 0.9  # EMA momentum of the teacher's softmax centre
@@ -144,19 +152,27 @@ def recipe(*, registers: int, ibot: bool = True, koleo: bool = True) -> ml_colle
 
 def apply_variant(c: ml_collections.ConfigDict, variant: str) -> ml_collections.ConfigDict:
     """Scales the recipe: ``demo`` (minutes on a laptop CPU), ``smoke`` (seconds), ``bench``, sizes."""
-    sizes = {"vits14": "vit_small", "vitb14": "vit_base", "vitl14": "vit_large", "vitg14": "vit_giant2"}
+    sizes = {"vits14": "vit_small", "vitb14": "vit_base", "vitl14": "vit_large", "vitl16_short": "vit_large",
+             "vitg14": "vit_giant2"}
     if variant in sizes:
         c.model.arch = sizes[variant]
-        if variant in ("vitl14", "vitg14"):  # the official ViT-L/g settings
+        if variant == "vitl16_short":  # configs/train/vitl16_short.yaml: the default recipe at ViT-L/16
+            c.model.patch_size = 16
+        if variant in ("vitl14", "vitg14"):  # configs/train/vitl14.yaml and vitg14.yaml, key by key
             c.model.drop_path_rate = 0.4
+            c.model.ffn_layer = "swiglu"  # the official "swiglufused" (SwiGLUFFNFused, as medjax's swiglu)
             c.head.n_prototypes = c.head.ibot_n_prototypes = 131072
-            c.head.bottleneck_dim = 384
+            c.head.bottleneck_dim = 384  # the DINO head's; the separate iBOT head keeps 256
+            c.head.ibot_separate_head = True
             c.teacher.momentum_teacher = 0.994
+            c.optim.epochs = 500
+            c.optim.base_lr = 2e-4
+            c.optim.warmup_epochs = 80
             c.optim.weight_decay_end = 0.2
             c.optim.layerwise_decay = 1.0
+            c.crops.local_size = 98
             c.loss.centering = "sinkhorn_knopp"
-        if variant == "vitg14":
-            c.model.ffn_layer = "swiglu"
+            c.train.batch_size_per_device = 32 if variant == "vitl14" else 12
     elif variant in ("demo", "demo_cxr"):
         _scale_down(c, embed=192, depth=6, heads=3, global_size=112, local_size=56, n_local=6,
                     prototypes=4096, hidden=512, bottleneck=128, batch=32, epochs=10, epoch_length=12)

@@ -12,12 +12,17 @@ CONFIGS = os.path.join(REPO, "configs")
 SMOKE = "--config=configs/dinov2_reg.py:smoke"
 
 
-def load_config(name: str, variant: str = "", **kwargs):
-    """``configs/<name>.py``'s ``get_config(variant, **kwargs)``, loaded from its file as ``--config`` does."""
+def load_config_module(name: str):
+    """The module of ``configs/<name>.py``, loaded from its file as ``--config`` does."""
     spec = importlib.util.spec_from_file_location(f"config_{name}", os.path.join(CONFIGS, f"{name}.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.get_config(variant, **kwargs)
+    return module
+
+
+def load_config(name: str, variant: str = "", **kwargs):
+    """``configs/<name>.py``'s ``get_config(variant, **kwargs)``."""
+    return load_config_module(name).get_config(variant, **kwargs)
 
 
 def medjax(workdir, *overrides, config=SMOKE, check=True):

@@ -6,7 +6,8 @@ Run as its own process (``tests/test_sharding.py`` does): the device count must
 be set before JAX starts its backend. Every run uses the real trainer pieces
 (``init_sharded_state``, ``BatchPlacer``, ``jit_train_step``) on the same three
 global batches of 16 images from the real Grain pipeline; only the mesh and the
-per-device batch differ. OUT.json gets, per case, the largest relative
+per-device batch differ (the mixed mesh with Sinkhorn-Knopp centring, the others with
+the softmax centre). OUT.json gets, per case, the largest relative
 difference to the one-device run of each metric and of every state leaf, and
 how many state leaves were split over the ``fsdp`` axis.
 """
@@ -19,11 +20,12 @@ import jax
 jax.config.update("jax_num_cpu_devices", 8)
 jax.config.update("jax_default_matmul_precision", "highest")
 
+import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from medjax import sharding  # noqa: E402
 from tests.phantom import DemoSlices  # noqa: E402
-from medjax.objectives import dino, ibot  # noqa: E402
+from medjax.objectives import dino, ibot, koleo  # noqa: E402
 from medjax.schedules import pretrain_schedules  # noqa: E402
 from medjax import optim  # noqa: E402
 from medjax.pretrain.trainer import init_sharded_state, jit_train_step, make_train_step  # noqa: E402
@@ -44,6 +46,9 @@ def base_config(centering: str):
     # float32 rounding, which no layout can reproduce. The recipe is otherwise the :smoke one.
     config = smoke_config(layerscale=0.1)
     config.loss.centering = centering
+    # KoLeo over the whole batch: the per-device form depends on the per-device batch by design (as the
+    # reference's does on the GPU count); ``global_reductions`` checks it on 8 devices.
+    config.loss.koleo_batch = "global"
     config.mesh.fsdp_min_size = 256  # split the smoke model's parameters too, not just big ones
     return config
 
@@ -120,7 +125,23 @@ def global_reductions() -> dict:
         one = np.asarray(jax.jit(fn)(logits, valid))
         sharded = jax.jit(fn, in_shardings=(split, split))(jax.device_put(logits, split), jax.device_put(valid, split))
         out[name] = rel_diff(one, sharded)
+    out.update(koleo_per_device(split))
     return out
+
+
+def koleo_per_device(split) -> dict:
+    """KoLeo per device (groups of 2 images per crop, 8 devices) vs the per-group losses on one device."""
+    tokens = np.random.default_rng(5).normal(size=(2 * 16, 8)).astype(np.float32)  # 2 crops x 16 images
+    term = jax.jit(jax.value_and_grad(lambda x: koleo.koleo_term(x, 2, group_size=2)), in_shardings=split)
+    value, grad = term(jax.device_put(tokens, split))
+    by_hand = jax.value_and_grad(
+        lambda x: sum(jnp.mean(jnp.stack([koleo.koleo_loss(c[g:g + 2]) for g in range(0, 16, 2)]))
+                      for c in jnp.split(x, 2)))
+    want, want_grad = jax.jit(by_hand)(tokens)
+    whole = float(jax.jit(lambda x: koleo.koleo_term(x, 2))(tokens))
+    return {"koleo_per_device": rel_diff(np.asarray(want), np.asarray(value)),
+            "koleo_per_device_grad": rel_diff(np.asarray(want_grad), np.asarray(grad)),
+            "koleo_per_device_vs_global": abs(float(value) - whole)}
 
 
 def main(out_path):
@@ -129,9 +150,12 @@ def main(out_path):
     reference = run(config, batches, 1, 1)
     initial = reference[3]
     results = {"steps": {}, "functions": global_reductions()}
-    for data, fsdp in ((8, 1), (1, 8), (2, 4)):
+    for data, fsdp in ((8, 1), (1, 8)):
         other = run(config, batches, data, fsdp, initial=initial)
         results["steps"][f"data={data} fsdp={fsdp}"] = compare(reference, other)
+    sinkhorn = base_config("sinkhorn_knopp")
+    reference = run(sinkhorn, batches, 1, 1, initial=initial)
+    results["steps"]["data=2 fsdp=4 sinkhorn_knopp"] = compare(reference, run(sinkhorn, batches, 2, 4, initial=initial))
     with open(out_path, "w") as f:
         json.dump(results, f, indent=1)
 

@@ -16,9 +16,11 @@ steps on one device, and writes the largest relative differences to the run's
 logged losses and to its step-3 checkpoint.
 """
 
+import dataclasses
 import json
 import os
 import sys
+import types
 
 import jax
 import numpy as np
@@ -29,10 +31,11 @@ from medjax.data.masking import mask_index_arrays
 from medjax.reporting import read_metrics
 from medjax.schedules import pretrain_schedules
 from medjax import optim
+from medjax.pretrain import trainer
 from medjax.pretrain.trainer import init_sharded_state, jit_train_step, make_train_step
 from medjax.data.sources import training_source
 from medjax.pretrain.batches import BatchPlacer, pretrain_iterator
-from medjax.pretrain.loss_model import build_models
+from medjax.pretrain.loss_model import LossConfig, build_models
 from tests.sharding_compare import rel_diff, state_diff
 from tests.helpers import smoke_config
 
@@ -72,6 +75,10 @@ def main(workdir, out_path):
     per_process = config.train.batch_size_per_device  # one device per process in the two-process run
     global_batch = per_process * PROCESSES
     config.train.batch_size_per_device = global_batch
+    # KoLeo per device: in the two-process run each process's 4 images of a crop are one neighbour pool;
+    # the merged batch holds them as consecutive rows, so the same pools are groups of `per_process`.
+    trainer.LossConfig = types.SimpleNamespace(from_config=lambda c: dataclasses.replace(
+        LossConfig.from_config(c), koleo_group_size=per_process))
     config.mesh.data, config.mesh.fsdp = 1, 1
     mesh = sharding.make_mesh(1, 1, devices=jax.devices()[:1])
 

@@ -2,7 +2,11 @@
 
 It spreads the student's CLS features over the sphere by penalising
 -log(distance to the nearest other sample). The value matches the reference
-KoLeoLoss; two of its failure modes are removed:
+KoLeoLoss. The reference computes it on each GPU's own images, with no
+all-gather, so a sample's nearest neighbour is searched among that GPU's batch
+only; ``koleo_term`` does the same over groups of ``group_size`` images (one
+device's share of the global batch), or over the whole global batch. Two of the
+reference's failure modes are removed:
 
 * a batch of one sample has no neighbour (the reference silently pairs the
   sample with itself and returns a meaningless ~18): here that is a clear
@@ -61,3 +65,21 @@ def koleo_loss(x, eps=1e-8):
     diff = jnp.where(same[:, None], 0.0, diff)
     distance = _safe_norm(diff + eps)
     return jnp.mean(-jnp.log(distance + eps))
+
+
+def koleo_term(cls_tokens, n_crops: int, group_size: int = 0):
+    """The KoLeo term of a step: summed over the global crops, each averaged over groups of images.
+
+    ``cls_tokens`` is ``(n_crops * B, D)``, crop-major (rows ``c * B + b``). Within each crop, images
+    ``[g * group_size, (g + 1) * group_size)`` form group ``g`` (one device's images, as a GPU of the
+    reference sees them) and the crop's term is the mean of the groups' KoLeo losses (what the
+    reference's gradient all-reduce averages). ``group_size=0`` (or ``>= B``) takes the whole batch.
+    """
+    crops = jnp.split(jnp.asarray(cls_tokens, jnp.float32), n_crops)
+    images = crops[0].shape[0]
+    if not group_size or group_size >= images:
+        return sum(koleo_loss(c) for c in crops)
+    if images % group_size:
+        raise ValueError(f"KoLeo groups of {group_size} images do not divide the batch of {images} images per crop.")
+    per_group = jax.vmap(koleo_loss)
+    return sum(jnp.mean(per_group(c.reshape(images // group_size, group_size, c.shape[-1]))) for c in crops)

@@ -36,6 +36,7 @@ class LossConfig:
     dino_weight: float
     ibot_weight: float
     koleo_weight: float
+    koleo_group_size: int  # images per KoLeo neighbour search within a crop; 0 = the global batch
     centering: str
     student_temp: float
     center_momentum: float
@@ -52,6 +53,7 @@ class LossConfig:
             dino_weight=config.loss.dino_weight,
             ibot_weight=config.loss.ibot_weight,
             koleo_weight=config.loss.koleo_weight,
+            koleo_group_size=config.train.batch_size_per_device if config.loss.koleo_batch == "device" else 0,
             centering=config.loss.centering,
             student_temp=config.loss.student_temp,
             center_momentum=config.loss.center_momentum,
@@ -66,7 +68,8 @@ def build_models(config) -> SSLModels:
     head = dict(hidden_dim=h.hidden_dim, bottleneck_dim=h.bottleneck_dim, nlayers=h.nlayers, dtype=dtype)
     dino_head = DINOHead(out_dim=h.n_prototypes, **head)
     separate = config.loss.ibot_weight > 0 and h.ibot_separate_head
-    ibot_head = DINOHead(out_dim=h.ibot_n_prototypes, **head) if separate else None
+    ibot_head = DINOHead(out_dim=h.ibot_n_prototypes, hidden_dim=h.ibot_hidden_dim, bottleneck_dim=h.ibot_bottleneck_dim,
+                         nlayers=h.ibot_nlayers, dtype=dtype) if separate else None
     return SSLModels(backbone, dino_head, ibot_head)
 
 
@@ -163,8 +166,7 @@ def ssl_loss(student, teacher, batch, centers, teacher_temp, rng, *, models: SSL
         metrics["ibot_loss"] = cfg.ibot_weight * ibot_value
         loss = loss + metrics["ibot_loss"]
     if cfg.koleo_weight > 0:
-        chunks = jnp.split(s_global["x_norm_clstoken"], cfg.n_global)
-        koleo_value = sum(koleo.koleo_loss(c.astype(jnp.float32)) for c in chunks)
+        koleo_value = koleo.koleo_term(s_global["x_norm_clstoken"], cfg.n_global, cfg.koleo_group_size)
         metrics["koleo_loss"] = cfg.koleo_weight * koleo_value
         loss = loss + metrics["koleo_loss"]
     metrics["teacher_entropy"] = jnp.mean(_entropy(cls_probs))

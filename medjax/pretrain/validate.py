@@ -63,6 +63,9 @@ def validate(c) -> None:
             "config.loss.ibot_weight > 0 needs masked images: set config.loss.mask_probability > 0 "
             "(0.5 is the official value) or config.loss.ibot_weight=0."
         )
+    if c.loss.koleo_batch not in ("device", "global"):
+        raise ValueError(f"config.loss.koleo_batch={c.loss.koleo_batch!r} must be 'device' (each device's images, "
+                         "as the reference computes KoLeo per GPU) or 'global' (the whole batch).")
     if c.loss.koleo_weight > 0 and c.train.batch_size_per_device < 2:
         raise ValueError(
             "KoLeo needs at least 2 images per device and step: raise config.train.batch_size_per_device "

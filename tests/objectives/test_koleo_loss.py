@@ -89,3 +89,18 @@ def test_bfloat16_input_is_computed_in_float32(ref):
     value = _koleo(jnp.asarray(ref["koleo_x"], jnp.bfloat16))
     assert value.dtype == jnp.float32
     assert abs(float(value) - float(ref["koleo_loss"])) < 0.05
+
+
+def test_koleo_term_per_device_groups_and_global():
+    from medjax.objectives.koleo import koleo_term
+
+    x = np.random.default_rng(11).normal(size=(2 * 8, 6)).astype(np.float32)  # 2 crops x 8 images
+    crops = np.split(x, 2)
+    per_device = sum(np.mean([float(koleo_loss(c[g:g + 2])) for g in range(0, 8, 2)]) for c in crops)
+    whole = sum(float(koleo_loss(c)) for c in crops)
+    assert abs(float(koleo_term(x, 2, group_size=2)) - per_device) < 1e-5
+    assert abs(float(koleo_term(x, 2, group_size=0)) - whole) < 1e-5
+    assert abs(float(koleo_term(x, 2, group_size=8)) - whole) < 1e-5  # one device holds the whole batch
+    assert abs(per_device - whole) > 0.1  # the two forms really differ (neighbours among 2 vs 8 images)
+    with pytest.raises(ValueError, match="groups of 3 images do not divide the batch of 8"):
+        koleo_term(x, 2, group_size=3)

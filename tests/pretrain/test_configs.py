@@ -6,9 +6,9 @@ import pytest
 from medjax.models.backbone import backbone_kwargs
 from medjax.pretrain.loss_model import build_models
 from medjax.pretrain.validate import validate
-from tests.helpers import load_config as load
+from tests.helpers import load_config as load, load_config_module
 
-VARIANTS = ("", "demo", "smoke", "bench", "vits14", "vitb14", "vitl14", "vitg14")
+VARIANTS = load_config_module("dinov2_reg").VARIANTS
 
 
 @pytest.mark.parametrize("name", ["dinov2_reg", "dinov2", "dino"])
