@@ -61,6 +61,9 @@ def recipe(*, registers: int, ibot: bool = True, koleo: bool = True) -> ml_colle
     # Official DINOv2 backbone weights (.pth/.npz/.safetensors) to start student and teacher from
     # (continued pretraining); the model settings above must match their architecture. "" = random init.
     c.model.init_weights = ""
+    # With init_weights: epochs (of train.epoch_length steps) at the start during which the backbone stays
+    # frozen while the new DINO/iBOT heads learn (the released weights have none); 0 = train all at once.
+    c.model.head_warmup_epochs = 1
     c.model.spatial_dims = 2  # 2: slices; 3: volumes (cubic patches and crops; configs/dinov2_reg_3d.py)
 
     c.head = ml_collections.ConfigDict()

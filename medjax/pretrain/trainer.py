@@ -38,6 +38,19 @@ class PretrainState(flax.struct.PyTreeNode):
     ibot_center: jax.Array
 
 
+def head_warmup_steps(config) -> int:
+    """Steps at the start of a run from ``config.model.init_weights`` during which only the heads train.
+
+    Released DINOv2 weights come without their DINO/iBOT heads; fresh random heads give the backbone
+    meaningless targets and gradients, which can wreck pretrained features in the first steps. So the
+    backbone stays frozen (no update, no Adam moments) for ``config.model.head_warmup_epochs`` epochs
+    while the heads learn, the teacher's heads copying the student's. The schedules run on unchanged.
+    """
+    if not config.model.init_weights:
+        return 0
+    return config.model.head_warmup_epochs * config.train.epoch_length
+
+
 def init_state(models, config, rng, adam: optax.GradientTransformation) -> PretrainState:
     student = init_params(models, rng, config)
     k_ibot = config.head.ibot_n_prototypes if models.ibot_head is not None else config.head.n_prototypes
@@ -100,6 +113,7 @@ def make_train_step(models, config, schedules, rules: optim.ParamRules, adam):
     loss_fn = functools.partial(ssl_loss, models=models, cfg=loss_cfg)
     clip = config.optim.clip_grad
     n_prototypes = config.head.n_prototypes
+    warmup_steps = head_warmup_steps(config)
 
     def train_step(state: PretrainState, batch: dict, rng: jax.Array):
         hp = schedules.values(state.step)
@@ -110,6 +124,9 @@ def make_train_step(models, config, schedules, rules: optim.ParamRules, adam):
             state.student, state.teacher, batch, centers, hp["teacher_temp"], step_rng
         )
         grads, grad_norm = optim.clip_per_module(grads, clip)
+        frozen = state.step < warmup_steps  # head warm-up: the backbone neither moves nor gathers Adam moments
+        if warmup_steps:
+            grads = {**grads, "backbone": jax.tree.map(lambda g: jnp.where(frozen, 0.0, g), grads["backbone"])}
         adam_updates, opt_state = adam.update(grads, state.opt_state)
         student = optim.adamw_step(
             state.student,
@@ -120,8 +137,16 @@ def make_train_step(models, config, schedules, rules: optim.ParamRules, adam):
             weight_decay=hp["weight_decay"],
         )
         m = hp["teacher_momentum"]
-        # The teacher follows the updated student (official order: optimizer step, then EMA).
-        teacher = jax.tree.map(lambda t, s: m * t + (1.0 - m) * s, state.teacher, student)
+        if warmup_steps:
+            student = {**student, "backbone": jax.tree.map(lambda new, old: jnp.where(frozen, old, new),
+                                                           student["backbone"], state.student["backbone"])}
+        # The teacher follows the updated student (official order: optimizer step, then EMA); during the
+        # head warm-up its heads are the student's (the fresh heads have no history worth averaging).
+        teacher = {
+            part: jax.tree.map(lambda t, s, mp=(m if part == "backbone" else jnp.where(frozen, 0.0, m)):
+                               mp * t + (1.0 - mp) * s, state.teacher[part], student[part])
+            for part in student
+        }
         finite = jnp.isfinite(loss) & jnp.isfinite(optax.global_norm(student))
         metrics = {
             **metrics,
@@ -201,6 +226,10 @@ def run(config, workdir: str) -> dict:
     state, start = training_loop.resume(ckpt, state, data, meta, total_steps,
                                         allow_config_change=config.allow_config_change)
 
+    warmup = head_warmup_steps(config)
+    if warmup > start and is_main:
+        console.say(f"Head warm-up: steps {start + 1}-{warmup} train only the new DINO/iBOT heads on the frozen "
+                    f"backbone of {config.model.init_weights} (config.model.head_warmup_epochs); then all of it.")
     reporter = reporting.Reporter(
         workdir, total_steps=total_steps, images_per_step=global_batch, is_main=is_main
     )

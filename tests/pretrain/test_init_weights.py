@@ -51,3 +51,36 @@ def test_missing_or_mismatched_weights_are_one_sentence(tmp_path):
     np.savez(path, **{k[3:]: z[k] for k in z.files if k.startswith("sd/") and "blocks.1." not in k})
     with pytest.raises(ValueError):
         start_from_official(state, shardings, models, str(path))
+
+
+def test_head_warm_up_trains_only_the_heads_then_releases_the_backbone(tmp_path):
+    from medjax.pretrain.batches import BatchPlacer, pretrain_iterator
+    from medjax.pretrain.trainer import build
+    from tests.phantom import DemoSlices
+
+    z = np.load(FIXTURE)
+    path = tmp_path / "weights.npz"
+    np.savez(path, **{k[3:]: z[k] for k in z.files if k.startswith("sd/")})
+    config = _config()
+    config.model.init_weights = str(path)
+    config.model.head_warmup_epochs, config.train.epoch_length, config.optim.epochs = 1, 2, 3  # 2 frozen steps
+    mesh = sharding.make_mesh()
+    place = BatchPlacer(mesh, n_global=config.crops.n_global, n_local=config.crops.n_local)
+    built = build(config, mesh, config.train.batch_size_per_device * mesh.size, place.shardings)
+    batches = pretrain_iterator(config, DemoSlices(num_patients=2, slices_per_patient=4, size=48, seed=0),
+                                config.train.batch_size_per_device, num_workers=0, process_index=0, process_count=1)
+    state, start = built.state, jax.device_get(built.state)
+    states = []
+    for _ in range(3):
+        state, _ = built.step_fn(state, place(next(batches)), built.step_rng)
+        states.append(jax.device_get(state))
+    for s in states[:2]:  # warm-up: the official backbone untouched in student and teacher; heads learn
+        for which in (s.student, s.teacher):
+            jax.tree.map(np.testing.assert_array_equal, which["backbone"], start.student["backbone"])
+        jax.tree.map(np.testing.assert_array_equal, s.teacher["dino_head"], s.student["dino_head"])
+    head_moved = jax.tree.map(lambda a, b: np.abs(a - b).max(), states[1].student["dino_head"], start.student["dino_head"])
+    assert max(jax.tree.leaves(head_moved)) > 1e-4
+    moved = jax.tree.map(lambda a, b: np.abs(a - b).max(), states[2].student["backbone"], start.student["backbone"])
+    assert max(jax.tree.leaves(moved)) > 1e-6  # step 3: the backbone trains
+    assert not np.array_equal(states[2].teacher["dino_head"]["mlp_0"]["kernel"],
+                              states[2].student["dino_head"]["mlp_0"]["kernel"])  # the EMA is back
