@@ -67,13 +67,16 @@ class Reporter:
                 f.write(json.dumps({"step": step, **scalars}) + "\n")
         return scalars
 
-    def progress(self, step: int, scalars: dict) -> None:
+    def progress(self, step: int, scalars: dict, note: str = "") -> None:
+        """One line per logged window; ``note`` (e.g. a collapse warning) is appended after a "!"."""
         if not self.is_main:
             return
         line = f"step {step:>6d}/{self.total_steps}  loss {scalars.get('loss', float('nan')):.4f}"
         if "images_per_sec" in scalars:
             eta = (self.total_steps - step) * scalars["sec_per_step"]
             line += f"  {scalars['images_per_sec']:.1f} img/s  ETA {_duration(eta)}"
+        if note:
+            line += f"  ! {note}"
         print(line, flush=True)
 
     def flush(self) -> None:
@@ -143,6 +146,17 @@ _PANELS = (
 )
 
 
+def _shade_collapse_warnings(ax, rows: list[dict]) -> None:
+    """Red bands over the logged windows a collapse watch flagged (``collapse_warning`` = 1)."""
+    previous, labelled = 0, False
+    for r in rows:
+        if r.get("collapse_warning", 0) > 0:
+            ax.axvspan(previous, r["step"], color="tab:red", alpha=0.15, linewidth=0,
+                       label=None if labelled else "collapse warning")
+            labelled = True
+        previous = r["step"]
+
+
 def plot_training_overview(jsonl_path: str, png_path: str, title: str = "") -> None:
     """Draws every scalar of metrics.jsonl against the step into one PNG."""
     rows = read_metrics(jsonl_path)
@@ -164,6 +178,7 @@ def plot_training_overview(jsonl_path: str, png_path: str, title: str = "") -> N
             panels.append((name, present))
             used.update(present)
     used.update(k for k in keys if k.startswith("eval/") and "balanced" in k)  # in eval/results.md
+    used.add("collapse_warning")  # shaded in the collapse panel, not a panel of its own
     panels += [(k, [k]) for k in keys if k not in used]
     cols = 3
     fig_rows = math.ceil(len(panels) / cols)
@@ -177,6 +192,8 @@ def plot_training_overview(jsonl_path: str, png_path: str, title: str = "") -> N
                         marker="o" if k.startswith("eval/") else None, markersize=3)
         if name == "gradient norm":
             ax.set_yscale("log")  # spans orders of magnitude early in training
+        if "teacher_entropy" in members:
+            _shade_collapse_warnings(ax, rows)
         ax.set_title(name, fontsize=10)
         ax.set_xlabel("step", fontsize=8)
         ax.grid(alpha=0.3)

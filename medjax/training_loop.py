@@ -43,10 +43,11 @@ class LoopResult:
 
 def run_steps(config, workdir: str, *, state, step_fn, step_rng, data, ckpt, meta: dict, reporter, start: int,
               stop_step: int, evaluator, backbone_params: Callable, title: str,
-              on_plot: Callable | None = None) -> LoopResult:
+              on_plot: Callable | None = None, watch=None) -> LoopResult:
     """Steps ``start`` .. ``stop_step`` of ``config.train``'s schedule; closes the checkpointer, the reporter
     and the data when it ends. ``backbone_params(state)`` is what the evaluator scores; ``on_plot(state,
-    step)`` draws a trainer's own pictures beside the training overview (process 0)."""
+    step)`` draws a trainer's own pictures beside the training overview (process 0); ``watch.check(step, row)``
+    (e.g. ``pretrain.collapse.CollapseWatch``) may add scalars to each logged row and a note to its progress line."""
     is_main = jax.process_index() == 0
     overview = os.path.join(workdir, "training_overview.png")
     t_start, pending, last, final_table = time.perf_counter(), [], {}, ""
@@ -57,9 +58,11 @@ def run_steps(config, workdir: str, *, state, step_fn, step_rng, data, ckpt, met
             done = step + 1
             is_ckpt = done % config.train.checkpoint_every == 0 or done == stop_step
             if done % config.train.log_every == 0 or is_ckpt or done == start + 1:
-                last = reporter.write(done, reporting.mean_metrics(pending))
+                row = reporting.mean_metrics(pending)
+                note = watch.check(done, row) if watch is not None else ""
+                last = reporter.write(done, row)
                 pending = []
-                reporter.progress(done, last)
+                reporter.progress(done, last, note)
                 if done == start + 1:
                     reporter.start(done)  # throughput excludes compilation
             if is_ckpt:

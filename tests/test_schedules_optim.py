@@ -133,12 +133,3 @@ def test_last_layer_follows_its_own_lr():
     np.testing.assert_array_equal(out["dino_head"]["last_layer"]["w"], 1.0)  # frozen
     np.testing.assert_allclose(out["dino_head"]["other"]["w"], 0.9)
 
-
-def test_collapse_verdict_names_each_state():
-    from medjax.pretrain.trainer import collapse_verdict
-
-    log_k = np.log(4096)
-    assert collapse_verdict(0.99 * log_k, log_k, 4096).startswith("collapsed to uniform")
-    assert collapse_verdict(0.01, 0.02, 4096).startswith("collapsed to one mode")
-    assert collapse_verdict(3.0, 3.1, 4096).startswith("targets carry little information about the image yet (0.10 nats")
-    assert collapse_verdict(3.0, 8.0, 4096).startswith("not collapsed")

@@ -23,6 +23,7 @@ import optax
 from medjax import checkpoint, console, optim, reporting, resume_guard, schedule_check, sharding, training_loop
 from medjax.models.backbone import dinov2_init
 from medjax.pretrain.batches import PretrainData
+from medjax.pretrain.collapse import CollapseWatch, collapse_verdict
 from medjax.pretrain.loss_model import LossConfig, build_models, init_params, ssl_loss
 from medjax.pretrain.validate import validate
 from medjax.probe import Evaluator
@@ -238,10 +239,11 @@ def run(config, workdir: str) -> dict:
         backbone = models.backbone
         evaluator = Evaluator(config, backbone, workdir,
                               random_params=lambda seed: dinov2_init(backbone, jax.random.PRNGKey(seed)))
+    watch = CollapseWatch(config.head.n_prototypes, collapse_grace_steps(config, total_steps))
     result = training_loop.run_steps(
         config, workdir, state=state, step_fn=step_fn, step_rng=step_rng, data=data, ckpt=ckpt, meta=meta,
         reporter=reporter, start=start, stop_step=stop_step, evaluator=evaluator,
-        backbone_params=lambda s: s.teacher["backbone"], title=_title(config))
+        backbone_params=lambda s: s.teacher["backbone"], title=_title(config), watch=watch)
     final_table = result.final_table
     summary = {
         "workdir": os.path.abspath(workdir),
@@ -251,11 +253,18 @@ def run(config, workdir: str) -> dict:
         "final_metrics": result.last,
     }
     if is_main and stop_step > start:
-        _print_summary(summary, config)
+        _print_summary(summary, config, watch)
         if final_table:
             console.say(f"\nWhat pretraining bought (teacher at step {stop_step} vs random init; {workdir}/eval/):\n\n"
                         f"{final_table}")
     return summary
+
+
+def collapse_grace_steps(config, total_steps: int) -> int:
+    """Steps before collapse warnings start: the lr warm-up (at most 10 % of the run), when every run's
+    targets are still alike; with an official-weights start, at least the head warm-up."""
+    warmup = config.optim.warmup_epochs * config.train.epoch_length
+    return max(min(warmup, total_steps // 10), head_warmup_steps(config))
 
 
 def _title(config) -> str:
@@ -264,22 +273,7 @@ def _title(config) -> str:
     return f"medjax pretraining: {m.arch}{regs}, patch {m.patch_size}"
 
 
-def collapse_verdict(teacher_entropy: float, batch_entropy: float, n_prototypes: int) -> str:
-    """One line on the teacher's state: uniform, a single mode, or neither."""
-    log_k = float(np.log(n_prototypes))
-    if teacher_entropy > 0.98 * log_k:
-        return ("collapsed to uniform: every image gets the same flat target (expected early in a run much "
-                "shorter than the teacher's EMA horizon; see training_overview.png)")
-    if batch_entropy < 0.1 * log_k:
-        return "collapsed to one mode: every image gets the same sharp target (see training_overview.png)"
-    # batch_entropy - teacher_entropy is the information the target carries about the image.
-    if batch_entropy - teacher_entropy < 0.05 * log_k:
-        return (f"targets carry little information about the image yet ({batch_entropy - teacher_entropy:.2f} "
-                "nats: the batch mean is nearly as spread as each target); judge the features by config.evals")
-    return "not collapsed: targets are image-specific and spread over the prototypes"
-
-
-def _print_summary(summary: dict, config) -> None:
+def _print_summary(summary: dict, config, watch: CollapseWatch) -> None:
     last = summary["final_metrics"]
     k = config.head.n_prototypes
     verdict = collapse_verdict(last.get("teacher_entropy", np.nan), last.get("teacher_batch_entropy", np.nan), k)
@@ -292,3 +286,5 @@ def _print_summary(summary: dict, config) -> None:
                 f" {last.get('teacher_batch_entropy', float('nan')):.2f} for the batch mean"
                 f" (uniform = {np.log(k):.2f}, one-hot = 0): {verdict}\n"
                 f"  workdir {summary['workdir']}: checkpoints/, tensorboard/, metrics.jsonl, training_overview.png")
+    if watch.summary():
+        console.warn(watch.summary())

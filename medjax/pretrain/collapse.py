@@ -1,0 +1,82 @@
+"""Collapse of the DINO targets, caught while the run goes on, and what helped against it.
+
+Two logged numbers tell it (``loss_model``): the teacher's per-image target entropy and the entropy of
+the batch-mean target, both in nats (uniform = log K, one-hot = 0). Their difference is the information
+a target carries about its image. A collapsed teacher gives every image the same target, either flat
+(uniform: entropy near log K) or sharp (one mode: batch-mean entropy near 0); in both cases the
+difference is near 0 and the student learns nothing about images. At initialisation every run looks
+like that (LayerScale 1e-5 makes every image's CLS token alike), so a run is judged only after its
+grace period; after it, a window is flagged when the targets are collapsed, or when the image
+information they carry has fallen below half of its best (a collapse on its way).
+"""
+
+from __future__ import annotations
+
+import math
+
+# What kept the :demo run (batch 32, 120 steps) image-specific where the official settings collapsed
+# (BUILD_NOTES.md, "The demo recipe"; README, "Small batches").
+SMALL_BATCH_ADVICE = ("settings that kept small-batch runs image-specific on the demo: "
+                      "config.teacher.momentum_teacher=0.95, config.loss.centering=sinkhorn_knopp, "
+                      "config.teacher.warmup_teacher_temp=0.02 and config.teacher.teacher_temp=0.02, "
+                      "config.head.n_prototypes=512, config.loss.koleo_weight=1.0 (README, 'Small batches')")
+
+
+def collapse_verdict(teacher_entropy: float, batch_entropy: float, n_prototypes: int) -> str:
+    """One line on the teacher's state: uniform, a single mode, little image information, or fine."""
+    log_k = math.log(n_prototypes)
+    if teacher_entropy > 0.98 * log_k:
+        return ("collapsed to uniform: every image gets the same flat target (expected early in a run much "
+                "shorter than the teacher's EMA horizon; see training_overview.png)")
+    if batch_entropy < 0.1 * log_k:
+        return "collapsed to one mode: every image gets the same sharp target (see training_overview.png)"
+    if batch_entropy - teacher_entropy < 0.05 * log_k:
+        return (f"targets carry little information about the image yet ({batch_entropy - teacher_entropy:.2f} "
+                "nats: the batch mean is nearly as spread as each target); judge the features by config.evals")
+    return "not collapsed: targets are image-specific and spread over the prototypes"
+
+
+class CollapseWatch:
+    """Reads each logged window's entropies; flags collapse after ``grace_steps`` steps.
+
+    ``check(step, row)`` adds ``collapse_warning`` (1 or 0) to the row (the overview plot shades the
+    flagged steps) and returns a short note for the progress line ("" when all is well).
+    """
+
+    def __init__(self, n_prototypes: int, grace_steps: int):
+        self.log_k = math.log(n_prototypes)
+        self.grace_steps = grace_steps
+        self.best_information = 0.0
+        self.first_flagged: int | None = None
+        self.flagged_windows = 0
+
+    def check(self, step: int, row: dict) -> str:
+        teacher, batch = row.get("teacher_entropy"), row.get("teacher_batch_entropy")
+        if teacher is None or batch is None or not (math.isfinite(teacher) and math.isfinite(batch)):
+            return ""
+        information = batch - teacher
+        note = ""
+        if step > self.grace_steps:
+            if teacher > 0.98 * self.log_k:
+                note = "collapse: uniform targets"
+            elif batch < 0.1 * self.log_k:
+                note = "collapse: one target for every image"
+            elif information < 0.05 * self.log_k:
+                note = "collapse: targets ignore the image"
+            elif self.best_information >= 0.1 * self.log_k and information < 0.5 * self.best_information:
+                note = (f"collapsing: image information in the targets fell from {self.best_information:.2f} "
+                        f"to {information:.2f} nats")
+        self.best_information = max(self.best_information, information)
+        row["collapse_warning"] = float(bool(note))
+        if note:
+            self.flagged_windows += 1
+            if self.first_flagged is None:
+                self.first_flagged = step
+        return note
+
+    def summary(self) -> str:
+        """What the run's summary says about collapse warnings ("" when there were none)."""
+        if self.first_flagged is None:
+            return ""
+        return (f"collapse warnings in {self.flagged_windows} logged window(s) from step {self.first_flagged}; "
+                f"{SMALL_BATCH_ADVICE}")

@@ -1,0 +1,68 @@
+"""Collapse caught while a run goes on: the verdict, the watch over logged windows, the progress line and
+the shaded plot."""
+
+import json
+import math
+
+import numpy as np
+
+from medjax import reporting
+from medjax.pretrain.collapse import SMALL_BATCH_ADVICE, CollapseWatch, collapse_verdict
+
+LOG_K = math.log(512)
+
+
+def test_collapse_verdict_names_each_state():
+    log_k = np.log(4096)
+    assert collapse_verdict(0.99 * log_k, log_k, 4096).startswith("collapsed to uniform")
+    assert collapse_verdict(0.01, 0.02, 4096).startswith("collapsed to one mode")
+    assert collapse_verdict(3.0, 3.1, 4096).startswith("targets carry little information about the image yet (0.10 nats")
+    assert collapse_verdict(3.0, 8.0, 4096).startswith("not collapsed")
+
+
+def _row(teacher, batch):
+    return {"loss": 1.0, "teacher_entropy": teacher, "teacher_batch_entropy": batch}
+
+
+def test_watch_waits_for_the_grace_period_then_names_each_kind():
+    watch = CollapseWatch(512, grace_steps=10)
+    assert watch.check(10, _row(LOG_K, LOG_K)) == ""  # everything starts alike
+    healthy = _row(4.0, 6.0)
+    assert watch.check(20, healthy) == "" and healthy["collapse_warning"] == 0.0
+    assert watch.check(30, _row(0.995 * LOG_K, LOG_K)) == "collapse: uniform targets"
+    assert watch.check(40, _row(0.1, 0.2)) == "collapse: one target for every image"
+    assert watch.check(50, _row(5.0, 5.1)) == "collapse: targets ignore the image"
+    falling = _row(4.0, 4.9)  # 0.9 nats left of the best 2.0: on its way
+    assert watch.check(60, falling).startswith("collapsing: image information in the targets fell from 2.00 to 0.90")
+    assert falling["collapse_warning"] == 1.0
+    assert watch.first_flagged == 30 and watch.flagged_windows == 4
+    assert watch.summary().startswith("collapse warnings in 4 logged window(s) from step 30")
+    assert SMALL_BATCH_ADVICE in watch.summary()
+
+
+def test_a_healthy_run_has_no_warning_and_rows_without_entropies_pass():
+    watch = CollapseWatch(512, grace_steps=0)
+    for step, (t, b) in enumerate([(5.5, 6.0), (5.0, 6.1), (4.6, 6.1), (4.2, 6.0)], start=1):
+        assert watch.check(step, _row(t, b)) == ""
+    assert watch.check(5, {"loss": 0.5}) == ""  # MAE rows: nothing to judge
+    assert watch.summary() == ""
+
+
+def test_progress_line_and_overview_show_the_warning(tmp_path, capsys):
+    reporter = reporting.Reporter(str(tmp_path), total_steps=100, images_per_step=8, is_main=False)
+    reporter.is_main = True  # print without opening TensorBoard writers
+    reporter.progress(30, {"loss": 2.0}, "collapse: uniform targets")
+    assert capsys.readouterr().out.strip().endswith("loss 2.0000  ! collapse: uniform targets")
+    rows = [{"step": s, "loss": 1.0, "teacher_entropy": 6.0, "teacher_batch_entropy": 6.2,
+             "collapse_warning": float(s >= 30)} for s in (10, 20, 30, 40)]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    drawn = []
+    original = reporting._shade_collapse_warnings
+    reporting._shade_collapse_warnings = lambda ax, rows: drawn.append(
+        [p for p in (original(ax, rows), ax.patches)[1]])
+    try:
+        reporting.plot_training_overview(str(tmp_path / "metrics.jsonl"), str(tmp_path / "overview.png"))
+    finally:
+        reporting._shade_collapse_warnings = original
+    assert (tmp_path / "overview.png").stat().st_size > 0
+    assert len(drawn) == 1 and len(drawn[0]) == 2  # two flagged windows shaded in the collapse panel
