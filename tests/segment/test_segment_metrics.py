@@ -2,29 +2,19 @@
 
 ``medjax.metrics.dice_per_class`` / ``hd95`` themselves are checked in tests/test_metrics.py
 (rules, single voxels, empty masks, anisotropic spacing, brute-force surface distances).
-Here: the reference is written again with scipy's distance transforms, and the trainer's
+Here: the reference is HD95 by definition (``tests.helpers.brute_force_hd95``: every surface-to-surface
+distance, no erosion or distance transform), and the trainer's
 stacking of slices into volumes, its per-patient means, its empty-ground-truth rules and its
 spacing bookkeeping (display orientation -> (row, col) and between-slice mm) are checked.
 """
 
 import numpy as np
 import pytest
-from scipy import ndimage
 
 from medjax import metrics
 from medjax.segment import evaluate2d
 from medjax.segment.data import SegSplit, display_spacing
-
-
-def _edt_hd95(p, g, spacing):
-    """Reference: surfaces as mask minus its erosion, distances by scipy's EDT with sampling."""
-    def surface(m):
-        return m & ~ndimage.binary_erosion(m, structure=ndimage.generate_binary_structure(m.ndim, 1))
-
-    sp, sg = surface(p), surface(g)
-    d1 = ndimage.distance_transform_edt(~sg, sampling=spacing)[sp]
-    d2 = ndimage.distance_transform_edt(~sp, sampling=spacing)[sg]
-    return max(np.percentile(d1, 95), np.percentile(d2, 95))
+from tests.helpers import brute_force_hd95
 
 
 def _ref_dice(p, g):
@@ -38,7 +28,7 @@ def test_hd95_and_dice_match_references_on_hand_built_volumes():
     p[2:5, 4:9, 2:7] = True
     p[0, 0, 0] = True  # a single stray voxel far away
     for spacing in ((1.0, 1.0, 1.0), (3.0, 0.8, 0.8), (2.5, 0.5, 1.7)):
-        assert metrics.hd95(p, g, spacing) == pytest.approx(_edt_hd95(p, g, spacing))
+        assert metrics.hd95(p, g, spacing) == pytest.approx(brute_force_hd95(p, g, spacing))
     d = metrics.dice_per_class(p.astype(int), g.astype(int), 2)
     assert d[0] == pytest.approx(_ref_dice(p, g))
     one = np.zeros((4, 4), bool)
@@ -69,13 +59,13 @@ def test_volumes_are_stacked_at_their_positions_with_the_slice_spacing():
     vol = levels["volume"]
     assert vol["ids"] == ["vol1"]
     assert vol["dice"][0, 0] == pytest.approx(_ref_dice(pred == 1, gt == 1))
-    assert vol["hd95"][0, 0] == pytest.approx(_edt_hd95(pred == 1, gt == 1, (2.5, 0.9, 0.6)))
+    assert vol["hd95"][0, 0] == pytest.approx(brute_force_hd95(pred == 1, gt == 1, (2.5, 0.9, 0.6)))
     # per slice: 2D with the (row, col) spacing; slice 0 and 3 have an empty ground truth and a prediction
     sl = levels["slice"]
     k0 = list(order).index(0)
     assert sl["dice"][k0, 0] == 0.0 and sl["hd95"][k0, 0] == np.inf and sl["spurious"][k0, 0]
     k1 = list(order).index(1)
-    assert sl["hd95"][k1, 0] == pytest.approx(_edt_hd95(pred[1] == 1, gt[1] == 1, (0.9, 0.6)))
+    assert sl["hd95"][k1, 0] == pytest.approx(brute_force_hd95(pred[1] == 1, gt[1] == 1, (0.9, 0.6)))
 
 
 def test_empty_ground_truth_rules_and_patient_means():
