@@ -1,7 +1,10 @@
-"""DINOv2 linear evaluation of a pretraining run (52 heads on frozen teacher features); variants: demo, smoke.
+"""DINOv2 linear evaluation of a pretraining run (52 heads on frozen teacher features); variants: demo,
+demo_cxr, smoke.
 
     python -m medjax.main --config=configs/linear_probe.py:demo --workdir=runs/demo_probe \
         --config.probe.checkpoint_dir=runs/demo
+    python -m medjax.main --config=configs/linear_probe.py:demo_cxr --workdir=runs/demo_cxr_probe \
+        --config.probe.checkpoint_dir=runs/demo_cxr      # a configs/dinov2_reg.py:demo_cxr run
 
 The backbone (model and crop settings) comes from the run's checkpoint; this file sets the
 probe and the data it is evaluated on.
@@ -15,7 +18,7 @@ import ml_collections
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the shared pieces beside this file
 import config_lib  # noqa: E402
 
-VARIANTS = ("", "demo", "smoke")
+VARIANTS = ("", "demo", "demo_cxr", "smoke")
 
 
 def get_config(variant: str = ""):
@@ -59,6 +62,21 @@ def get_config(variant: str = ""):
         c.probe.eval_every = 0
         c.probe.label_column = config_lib.DEMO_EVAL_LABEL  # series type per slice; "" = the slice-level lesion class
         config_lib.use_demo_data(c.data)
+    elif variant == "demo_cxr":
+        from medjax.data.demo_cxr import FINDINGS  # the chest X-ray demo's finding columns
+
+        # The six findings as one multi-label task: sigmoid heads, best head by val mean AUC, uncertain (-1)
+        # labels left out (config.data.uncertain_labels); a few dozen training films, so passes over them, and
+        # the few-label curve at 1 %, 10 %, 100 % of the training patients, three draws each.
+        c.probe.epochs = 30
+        c.probe.epoch_length = 0
+        c.probe.eval_every = 0
+        c.probe.label_column = ",".join(FINDINGS)
+        c.probe.selection = "mean_auc"
+        c.probe.label_fractions = (0.01, 0.1, 1.0)
+        c.probe.fraction_seeds = 3
+        c.probe.knn_k = ()  # kNN votes over classes and does not apply to findings
+        config_lib.use_demo_cxr_data(c.data)
     elif variant == "smoke":
         c.probe.batch_size = 16
         c.probe.epochs = 3

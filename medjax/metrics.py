@@ -143,18 +143,33 @@ def macro_ovr_auc(y, probs) -> float:
     return float(np.nanmean(aucs)) if np.isfinite(aucs).any() else float("nan")
 
 
-def mean_label_auc(Y, scores) -> tuple[float, np.ndarray, list[int]]:
-    """Mean per-label AUC for multi-label targets ``Y`` (n, L) in {0, 1}.
-
-    Returns ``(mean, per_label, excluded)``: labels whose column is all 0 or all 1
-    have NaN in ``per_label``, are listed in ``excluded`` and are not averaged.
-    """
+def label_aucs(Y, scores) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(auc, positives, negatives)`` per column of multi-label targets ``Y`` (n, L): 1 positive, 0
+    negative, negative values not labelled (masked: left out of that column, as an uncertain label under
+    "ignore"). A column without both classes among its labelled rows has NaN AUC."""
     Y = np.asarray(Y)
     scores = np.asarray(scores, np.float64)
     if Y.shape != scores.shape or Y.ndim != 2:
         raise ValueError(f"targets {Y.shape} and scores {scores.shape} must both have shape (samples, labels).")
-    aucs, excluded = _per_column_auc(Y.astype(bool), scores)
-    mean = float(np.nanmean(aucs)) if np.isfinite(aucs).any() else float("nan")
+    positives, negatives = (Y == 1).sum(0), (Y == 0).sum(0)
+    aucs = np.full(Y.shape[1], np.nan)
+    for j in np.flatnonzero((positives > 0) & (negatives > 0)):
+        kept = Y[:, j] >= 0
+        aucs[j] = roc_auc_binary(Y[kept, j] == 1, scores[kept, j])
+    return aucs, positives, negatives
+
+
+def mean_label_auc(Y, scores, columns=None) -> tuple[float, np.ndarray, list[int]]:
+    """Mean per-label AUC for multi-label targets ``Y`` (n, L) in {0, 1}, negative entries masked.
+
+    Returns ``(mean, per_label, excluded)``: labels without both classes among their labelled
+    rows have NaN in ``per_label``, are listed in ``excluded`` and are not averaged. ``columns``:
+    average these labels only (e.g. the ones scored on every split), NaN when none of them has an AUC.
+    """
+    aucs, _, _ = label_aucs(Y, scores)
+    excluded = [int(j) for j in np.flatnonzero(~np.isfinite(aucs))]
+    averaged = aucs if columns is None else aucs[np.asarray(columns, np.int64)]
+    mean = float(np.nanmean(averaged)) if np.isfinite(averaged).any() else float("nan")
     return mean, aucs, excluded
 
 

@@ -9,7 +9,7 @@ fraction is drawn again for each seed so a result can carry its spread.
 A patient's stratum is the rarest class among its examples (for a slice-level
 task most slices of a lesion patient are "no lesion"; the lesion class is what
 makes the patient informative). Multi-label rows use their rarest positive
-label, or "no finding" when they have none.
+label, or "no finding" when they have none (masked entries, < 0, are not positives).
 """
 
 from __future__ import annotations
@@ -28,15 +28,17 @@ def validate_fractions(fractions: Sequence[float], what: str = "config.fractions
 
 
 def patient_strata(patient_ids: Sequence[str], labels: np.ndarray) -> dict[str, int]:
-    """{patient: stratum}; labels are (N,) class indices (< 0 = unlabelled) or (N, L) 0/1 multi-label rows."""
+    """{patient: stratum}; labels are (N,) class indices (< 0 = unlabelled) or (N, L) multi-label rows of 1, 0
+    and masked (< 0) entries."""
     labels = np.asarray(labels)
     if labels.ndim == 1:
         classes = labels
         counts = np.bincount(classes[classes >= 0], minlength=1)
-    else:  # multi-label: stratum = the rarest positive label, or L for "no finding"
-        counts = np.append(labels.sum(0), max(1, int((labels.sum(1) == 0).sum())))
+    else:  # multi-label: stratum = the rarest positive label, or L for "no finding"; masked (< 0) entries
+        positive = labels > 0  # are not positives (summing the raw rows would count each as -1)
+        counts = np.append(positive.sum(0), max(1, int((~positive.any(1)).sum())))
         order = np.argsort(counts[:-1], kind="stable")
-        rarest_first = labels[:, order] > 0
+        rarest_first = positive[:, order]
         first = rarest_first.argmax(1)
         classes = np.where(rarest_first.any(1), order[first], labels.shape[1])
     strata: dict[str, int] = {}

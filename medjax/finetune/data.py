@@ -5,7 +5,10 @@ pretraining, and are held in memory at their native size, normalised to [0, 1]:
 the train transform crops them afresh at every step, the eval transform is
 applied once. A row's label for a target is negative when its cell is empty or
 uncertain (``medjax.data.manifest``); a head is trained and evaluated only on the
-rows labelled for it. The splits come from the manifest's split column, or from its
+rows labelled for it. ``config.data.uncertain_labels`` decides what an uncertain -1 of a 0/1
+column is: left out for that head only (``ignore``), or read as 0 / 1 (``zeros`` / ``ones``;
+a column with other classes and uncertain cells is refused under those). A 0/1 target needs a
+positive training example. The splits come from the manifest's split column, or from its
 fold column through ``config.data.folds``.
 
 With the built-in demo dataset the ``lesion`` target is slice-level: a slice
@@ -29,6 +32,7 @@ import numpy as np
 from medjax import console
 from medjax.data.demo import LESION_CLASSES
 from medjax.data.job_manifest import manifest_path, open_manifest
+from medjax.data.labelled import check_uncertain_columns, is_binary, resolve_label, uncertain_policy
 from medjax.data.manifest import check_labels
 from medjax.data.sources import DEMO_COLUMNS, demo_manifest, slice_source, use_run_demo_data, volume_source
 
@@ -69,9 +73,11 @@ def target_columns(config, demo: bool) -> tuple[str, ...]:
     return columns
 
 
-def _class_names(manifest, column: str, demo_lesion: bool) -> tuple:
+def _class_names(manifest, column: str, demo_lesion: bool, policy: str) -> tuple:
     if demo_lesion:  # the demo's column holds the index into LESION_CLASSES
         return tuple(LESION_CLASSES)
+    if policy != "ignore" and is_binary(manifest, column):
+        return ("0", "1")  # an uncertain -1 read as 0 or 1 may give the class a column's cells lack
     codes = manifest.classes[column]
     names = [str(c) for c in range(max(codes.values()) + 1)]
     for value, code in codes.items():
@@ -95,12 +101,14 @@ def load_splits(config, workdir: str, run_dir: str | None = None, *, volumes: bo
                              masks=demo)  # masks matter only to the demo's lesion rule
     for column in columns:
         check_labels(manifest, column)
+    policy = uncertain_policy(config)
+    check_uncertain_columns(manifest, columns, policy)
     demo_lesion = [demo and c == "lesion" for c in columns]
     slice_rule = [rule and not volumes for rule in demo_lesion]
-    splits = {s: _read_split(config, path, s, columns, slice_rule, extra, volumes) for s in SPLITS}
+    splits = {s: _read_split(config, path, s, columns, slice_rule, extra, volumes, policy) for s in SPLITS}
     targets = []
     for t, column in enumerate(columns):
-        names = _class_names(manifest, column, demo_lesion[t])
+        names = _class_names(manifest, column, demo_lesion[t], policy)
         if slice_rule[t]:
             description = "demo lesion class per slice (none unless the lesion mask shows on the slice)"
         elif demo_lesion[t]:
@@ -109,10 +117,17 @@ def load_splits(config, workdir: str, run_dir: str | None = None, *, volumes: bo
             description = f"label column {column!r} of {path}"
         targets.append(Target(column, names, description))
         _check_split_labels(splits, t, column, names, "volume" if volumes else "slice")
+    unlearnable = [c for t, c in enumerate(columns) if not demo_lesion[t] and is_binary(manifest, c)
+                   and not (splits["train"].labels[:, t] == 1).any()]
+    if unlearnable:
+        raise ValueError(f"Target column(s) {', '.join(map(repr, unlearnable))} of {path} have no positive (1) train "
+                         f"{'volume' if volumes else 'slice'} (uncertain labels read with config.data.uncertain_labels="
+                         f"{policy!r}), so no head can learn them; add training patients with those findings or leave "
+                         "them out of config.finetune.targets.")
     return splits, targets
 
 
-def _read_split(config, manifest_path, split, columns, slice_rule, extra, volumes) -> Split:
+def _read_split(config, manifest_path, split, columns, slice_rule, extra, volumes, policy) -> Split:
     masks = any(slice_rule)  # only the demo's slice-level lesion rule looks at the masks
     if volumes:
         records = volume_source(config, manifest_path, split, label_columns=columns, extra_columns=extra,
@@ -123,7 +138,7 @@ def _read_split(config, manifest_path, split, columns, slice_rule, extra, volume
     unit = "volume" if volumes else "slice"
     images, labels, patients = [], [], []
     for r in records:
-        row = [r["label"]] + [r[f"label_{c}"] for c in columns[1:]]
+        row = [resolve_label(v, policy) for v in [r["label"]] + [r[f"label_{c}"] for c in columns[1:]]]
         for t, rule in enumerate(slice_rule):
             if rule and row[t] >= 0 and not r["mask"].any():
                 row[t] = 0  # the lesion does not show on this slice

@@ -31,6 +31,7 @@ def summarise_runs(runs: list, targets: list, unit: str = "slices") -> list:
             for m in METRICS:
                 row[m] = summarise([r["test"][t].get(m, float("nan")) for r in group])
             row["minutes_per_epoch"] = summarise([r["timing"]["minutes_per_epoch"] for r in group])
+            row["trainable_parameters"] = summarise([r["trainable_parameters"] for r in group])
             row[f"train_{unit}"] = summarise([r[f"train_{unit}"] for r in group])
             rows.append(row)
     return rows
@@ -50,6 +51,8 @@ def _pm(s: dict, fmt: str = ".3f") -> str:
 
 
 def _where(record: dict) -> str:
+    if "architecture" in record:  # a CNN baseline
+        return f"{record['architecture']}, " + _where({k: v for k, v in record.items() if k != "architecture"})
     if record["kind"] == "checkpoint":
         return f"step {record['step']}" + ("" if record["latest"] else " (not latest)") + f" of {record['path']}"
     if record["kind"] == "official":
@@ -57,12 +60,23 @@ def _where(record: dict) -> str:
     return f"random weights (seed {record['seed']} folded with the fraction seed)"
 
 
+def _speed_up(results: dict, row: dict) -> str:
+    """random_init's minutes/epoch (the ViT with every block trained) over this row's, at its fraction."""
+    full = [r for r in results["summary"] if r["init"] == "random_init" and r["fraction"] == row["fraction"]]
+    if not full:
+        return ""
+    return f" {full[0]['minutes_per_epoch']['mean'] / max(row['minutes_per_epoch']['mean'], 1e-12):.2f}x |"
+
+
 def summary_table(results: dict) -> str:
-    rows = ["| init | fraction | target | " + " | ".join(_HEADERS) + " | minutes/epoch |",
-            "|---|---|---|" + "---|" * (len(METRICS) + 1)]
+    speed = any(r["init"] == "random_init" for r in results["summary"])
+    rows = ["| init | fraction | target | " + " | ".join(_HEADERS) + " | minutes/epoch | trainable params |"
+            + (" speed-up vs full ViT training |" if speed else ""),
+            "|---|---|---|" + "---|" * (len(METRICS) + 2 + speed)]
     for r in results["summary"]:
         rows.append(f"| {r['init']} | {r['fraction']:g} | {r['target']} | "
-                    + " | ".join(_pm(r[m]) for m in METRICS) + f" | {_pm(r['minutes_per_epoch'], '.3g')} |")
+                    + " | ".join(_pm(r[m]) for m in METRICS) + f" | {_pm(r['minutes_per_epoch'], '.3g')} | "
+                    + f"{r['trainable_parameters']['mean']:,.0f} |" + _speed_up(results, r))
     return "\n".join(rows) + "\n"
 
 
@@ -81,7 +95,61 @@ def per_class_table(results: dict, target: str) -> str:
     return "\n".join(rows) + "\n"
 
 
+def finding_summary(results: dict) -> dict | None:
+    """Several 0/1 targets (findings): per finding its val / test positives and negatives and each init's
+    val / test AUC at the largest fraction (mean over seeds), and the test mean AUC per init and fraction over
+    the findings with both classes in val and test (mean ± std over seeds); None for other targets."""
+    names = list(results["targets"])
+    if len(names) < 2 or any(t["class_names"] != ["0", "1"] for t in results["targets"].values()):
+        return None
+    first = results["runs"][0]
+    counts = {s: {k: [first[s][t]["per_class"][c]["support"] for t in names] for k, c in (("positives", 1),
+                                                                                        ("negatives", 0))}
+              for s in ("val", "test")}
+    left_out = {t: ", ".join(f"no {k[:-1]} in {s}" for s in ("val", "test") for k in ("positives", "negatives")
+                             if counts[s][k][j] == 0) for j, t in enumerate(names)}
+    left_out = {t: reason for t, reason in left_out.items() if reason}
+    scored = [t for t in names if t not in left_out]
+    top = max(r["fraction"] for r in results["runs"])
+    per_init, means = {}, []
+    for init in results["inits"]:
+        group = [r for r in results["runs"] if r["init"] == init and r["fraction"] == top]
+        per_init[init] = {s: [summarise([r[s][t]["per_class"][1]["auc"] for r in group])["mean"] for t in names]
+                          for s in ("val", "test")}
+        for fraction in sorted({r["fraction"] for r in results["runs"]}):
+            runs = [r for r in results["runs"] if r["init"] == init and r["fraction"] == fraction]
+            values = [float(np.mean([r["test"][t]["per_class"][1]["auc"] for t in scored])) if scored
+                      else float("nan") for r in runs]
+            means.append({"init": init, "fraction": fraction, "test_mean_auc": summarise(values)})
+    return {"names": names, "counts": counts, "scored": scored, "left_out": left_out, "fraction": top,
+            "auc": per_init, "mean_auc": means}
+
+
+def findings_section(found: dict) -> str:
+    """The markdown of ``finding_summary``: the mean AUC per init and fraction, then the per-finding table."""
+    names, c = found["names"], found["counts"]
+    lead = f"mean over {len(found['scored'])} of {len(names)} findings (both classes in val and test)"
+    if found["left_out"]:
+        lead += "; left out: " + ", ".join(f"{t} ({r})" for t, r in found["left_out"].items())
+    rows = [f"\n## Findings: test AUC, {lead}\n", "| init | fraction | test mean AUC |", "|---|---|---|"]
+    rows += [f"| {m['init']} | {m['fraction']:g} | {_pm(m['test_mean_auc'])} |" for m in found["mean_auc"]]
+    inits = list(found["auc"])
+    rows += [f"\nPer finding (fraction {found['fraction']:g}, mean over seeds):\n",
+             "| finding | val pos / neg | test pos / neg | " + " | ".join(f"{i} val / test AUC" for i in inits)
+             + " | in mean |", "|---|---|---|" + "---|" * (len(inits) + 1)]
+    for j, t in enumerate(names):
+        cells = [f"{c[s]['positives'][j]} / {c[s]['negatives'][j]}" for s in ("val", "test")]
+        cells += [" / ".join("-" if v != v else f"{v:.3f}" for v in (found["auc"][i]["val"][j],
+                                                                     found["auc"][i]["test"][j])) for i in inits]
+        cells.append(f"no: {found['left_out'][t]}" if t in found["left_out"] else "yes")
+        rows.append(f"| {t} | " + " | ".join(cells) + " |")
+    return "\n".join(rows) + "\n"
+
+
 def write_outputs(results: dict, workdir: str, targets) -> None:
+    found = finding_summary(results)  # several 0/1 targets: per-finding AUCs and their mean; else None
+    if found:
+        results["findings"] = found
     with open(os.path.join(workdir, "results.json"), "w") as f:
         json.dump(results, f, indent=1)
     fractions = sorted({r["fraction"] for r in results["runs"]})
@@ -95,14 +163,19 @@ def write_outputs(results: dict, workdir: str, targets) -> None:
              f"Budget: {sched['steps']} steps of batch {sched['batch_size']} for every init and fraction "
              f"({sched['steps'] // sched['steps_per_full_epoch']} pass(es) over the full training split), tested "
              f"at {results['keep']}; "
-             f"{len(results['frozen_parameters'])} frozen backbone parameters; "
+             f"{len(results['frozen_parameters'])} frozen backbone parameters (every block of random_init and of "
+             "the CNN baselines trains); "
              f"{unit} train / val / test: {counts['train']} / {counts['val']} / {counts['test']}. Test metrics, "
              "mean ± std over seeds "
-             f"{results['summary'][0]['seeds']}; minutes/epoch = time per pass over the training subset.\n",
+             f"{results['summary'][0]['seeds']}; minutes/epoch = measured wall time of the training steps per pass "
+             "over the training subset (evaluations and the first step's compilation excluded); speed-up = "
+             "random_init's (the ViT with every block trained) minutes/epoch over the row's.\n",
              summary_table(results)]
     for t in targets:
         lines.append(f"\n## Per class: {t.name} (test, fraction {fractions[-1]:g})\n\n"
                      + per_class_table(results, t.name))
+    if found:
+        lines.append(findings_section(found))
     with open(os.path.join(workdir, "results.md"), "w") as f:
         f.write("\n".join(lines))
     for init in results["inits"]:
@@ -115,7 +188,7 @@ def write_outputs(results: dict, workdir: str, targets) -> None:
     plot_training_curves(results, os.path.join(workdir, "training_curves.png"))
     if len(fractions) > 1:
         plot_label_fractions(results, [t.name for t in targets], os.path.join(workdir, "label_fractions.png"))
-    console.say(summary_table(results))
+    console.say(summary_table(results) + (findings_section(found) if found else ""))
 
 
 def _figure(width, height, ncols):

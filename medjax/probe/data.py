@@ -7,7 +7,8 @@ from __future__ import annotations
 import csv
 
 from medjax.data.demo import LESION_CLASSES
-from medjax.data.labelled import split_examples
+from medjax.data.labelled import (check_multilabel_cells, check_uncertain_columns, is_binary, split_examples,
+                                  uncertain_policy)
 from medjax.data.job_manifest import manifest_path, open_manifest
 from medjax.data.manifest import check_labels
 from medjax.data.sources import DEMO_COLUMNS, demo_manifest, use_run_demo_data
@@ -15,7 +16,11 @@ from medjax import console
 
 
 def load_splits(config, workdir: str, run_dir: str):
-    """``({split: Split}, class names, task description, multilabel)`` for the probe's label column(s)."""
+    """``({split: Split}, class names, task description, multilabel)`` for the probe's label column(s).
+
+    Several columns make a multi-label task: each cell 1, 0, -1 (uncertain, read by
+    ``config.data.uncertain_labels``) or blank (not labelled); every finding needs a positive train slice.
+    """
     p = config.probe
     demo = not p.manifest
     if demo:
@@ -38,14 +43,12 @@ def load_splits(config, workdir: str, run_dir: str):
     ignore = tuple(c for c in DEMO_COLUMNS if c not in columns and c in header)
     loaded = open_manifest(config, manifest, label_columns=columns, label_key="config.probe.label_column",
                            extra=ignore, masks=demo_rule)
-    if not multilabel:
-        check_labels(loaded, columns[0])
+    policy = uncertain_policy(config)
     if multilabel:
-        for column in columns:
-            values = set(loaded.label_values(column))
-            if not values <= {"0", "1"}:
-                raise ValueError(f"Label column {column!r} of {manifest} holds {', '.join(sorted(values))}; a "
-                                 "multi-label probe needs 0/1 columns (one per finding).")
+        check_multilabel_cells(loaded, columns)
+    else:
+        check_labels(loaded, columns[0])
+    check_uncertain_columns(loaded, columns, policy)
     extra = tuple(c for c in DEMO_COLUMNS if c not in columns) if demo else ()
     splits = {s: split_examples(config, manifest, s, columns, demo_rule=demo_rule, extra_columns=extra)
               for s in ("train", "val", "test")}
@@ -55,6 +58,9 @@ def load_splits(config, workdir: str, run_dir: str):
     elif multilabel:
         names = list(columns)
         task = f"multi-label findings {', '.join(columns)} of {manifest}"
+    elif policy != "ignore" and is_binary(loaded, columns[0]):
+        names = ["0", "1"]  # an uncertain -1 read as 0 or 1 may give the class a column's cells lack
+        task = f"label column {columns[0]!r} of {manifest}"
     else:
         codes = loaded.classes[columns[0]]
         names = [str(c) for c in range(max(codes.values()) + 1)]
@@ -62,10 +68,12 @@ def load_splits(config, workdir: str, run_dir: str):
             names[codes[v]] = v
         task = f"label column {columns[0]!r} of {manifest}"
     if multilabel:
-        for s in ("train", "val"):
-            if splits[s].labels.sum() == 0:
-                raise ValueError(f"No {s} slice is positive for any of {', '.join(columns)}; a multi-label probe "
-                                 "needs positive examples to train and select on.")
+        unlearnable = [c for c, n in zip(columns, (splits["train"].labels == 1).sum(0)) if n == 0]
+        if unlearnable:
+            raise ValueError(f"Finding column(s) {', '.join(map(repr, unlearnable))} of {manifest} have no positive "
+                             f"(1) train slice (uncertain labels read with config.data.uncertain_labels={policy!r}), "
+                             "so no head can learn them; add training patients with those findings or leave the "
+                             "columns out of config.probe.label_column.")
     else:
         seen = set(splits["train"].labels.tolist())
         for s in ("val", "test"):

@@ -23,6 +23,7 @@ import ml_collections
 from medjax import checkpoint, console, runs
 from medjax.checkpoint import content_hash, host_arrays
 from medjax.models.vit import VisionTransformer
+from medjax.probe import findings as findings_lib
 from medjax.probe import knn
 from medjax.probe import report as probe_report
 from medjax.probe import trainer as probe_lib
@@ -56,6 +57,8 @@ class Evaluator:
         with self.config.unlocked():
             self.splits, self.class_names, self.task, self.multilabel = load_splits(
                 self.config, workdir, workdir)
+        # Multi-label: the findings with both classes in val and test, which every mean AUC averages.
+        self.findings = findings_lib.scored_findings(self.splits, self.class_names) if self.multilabel else None
         if self.multilabel and config.evals.knn:
             raise ValueError("config.evals.knn votes over classes and does not apply to a multi-label task; set "
                              "config.evals.knn=False.")
@@ -86,11 +89,11 @@ class Evaluator:
             else:
                 fit = probe_lib.fit_and_select(backbone, params, feats, self.splits, len(self.class_names),
                                                self.multilabel, cfg, cfg.seed, say=console.silent)
-                best = fit["best"]
+                best, columns = fit["best"], self.findings and self.findings["scored"]
                 val, _ = probe_lib.test_report(probe_lib.all_logits(fit["state"], feats["val"])[best],
-                                               self.splits["val"].labels, self.class_names, self.multilabel)
+                                               self.splits["val"].labels, self.class_names, self.multilabel, columns)
                 test, _ = probe_lib.test_report(probe_lib.all_logits(fit["state"], feats["test"])[best],
-                                                self.splits["test"].labels, self.class_names, self.multilabel)
+                                                self.splits["test"].labels, self.class_names, self.multilabel, columns)
             for split, report in (("val", val), ("test", test)):
                 for m in ("accuracy", "balanced_accuracy", "mean_auc"):
                     if m in report:
@@ -114,6 +117,8 @@ class Evaluator:
         random = self.random_params(seed)
         results = {"task": self.task, "multilabel": self.multilabel, "class_names": self.class_names,
                    "run_dir": os.path.abspath(self.workdir), "backbones": {}}
+        if self.multilabel:
+            results["findings"] = self.findings
         entries = [("random_init", self.backbone, random, {"seed": seed, "content_hash": content_hash(random)}),
                    ("pretrained", self.backbone, params, {"path": checkpoint_path, "step": step, "latest": True,
                                                           "content_hash": content_hash(params)})]

@@ -20,6 +20,11 @@ its own weights, one gradient of the sum gives every head exactly its own
 gradient, and SGD with a per-head learning rate then trains the 52 heads
 exactly as 52 independent runs would.
 
+Multi-label tasks (chest X-ray findings) take a per-entry weight: an entry with weight 0 (a finding
+left unlabelled, or uncertain under ``config.data.uncertain_labels="ignore"``) adds nothing to any
+head's loss or gradient, so a row keeps its labelled findings; ``multilabel_targets`` derives
+targets and weights from label rows holding 1, 0 and masked (< 0) entries.
+
 Optimizer, as the reference's ``torch.optim.SGD(momentum=0.9, weight_decay=0)``
 with ``CosineAnnealingLR(max_iter, eta_min=0)``: ``buf = 0.9 * buf + grad``,
 ``param -= lr * buf`` with ``lr = grid_lr * global_batch / 256 * cosine``.
@@ -153,16 +158,27 @@ def _logits(p: dict, x: jax.Array) -> jax.Array:
     return jnp.einsum("bf,lfc->lbc", x, p["w"], precision=_HIGHEST) + p["b"][:, None, :]
 
 
-def _head_losses(logits: jax.Array, labels: jax.Array, multilabel: bool) -> jax.Array:
+def multilabel_targets(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(targets, weights)`` float32 of multi-label rows of 1, 0 and masked (< 0) entries: a masked entry
+    gets target 0 and weight 0."""
+    labels = np.asarray(labels)
+    return (labels > 0).astype(np.float32), (labels >= 0).astype(np.float32)
+
+
+def _head_losses(logits: jax.Array, labels: jax.Array, multilabel: bool, weights=None) -> jax.Array:
     """``(L,)`` per-head losses, each a mean over the batch.
 
     Single-label: softmax cross-entropy on integer labels ``(B,)`` (``nn.CrossEntropyLoss``).
-    Multi-label: sigmoid BCE on 0/1 targets ``(B, C)``, summed over labels, then averaged over
-    the batch, so the gradient scale per sample matches the cross-entropy the lr grid was
+    Multi-label: sigmoid BCE on 0/1 targets ``(B, C)``, each entry times its weight ``(B, C)``
+    (None = all ones), summed over labels, then averaged over the batch (B rows, masked entries
+    included), so the gradient scale per sample matches the cross-entropy the lr grid was
     tuned for (torch's ``BCEWithLogitsLoss`` default would also divide by C).
     """
     if multilabel:
-        per_sample = optax.sigmoid_binary_cross_entropy(logits, labels.astype(jnp.float32)[None]).sum(-1)
+        per_entry = optax.sigmoid_binary_cross_entropy(logits, labels.astype(jnp.float32)[None])
+        if weights is not None:
+            per_entry = per_entry * weights.astype(jnp.float32)[None]
+        per_sample = per_entry.sum(-1)
     else:
         per_sample = optax.softmax_cross_entropy_with_integer_labels(logits, labels[None])
     return per_sample.mean(-1)
@@ -179,19 +195,20 @@ def _sgd_momentum(p: dict, m: dict, g: dict, lrs: jax.Array) -> tuple[dict, dict
 
 
 @partial(jax.jit, static_argnames=("multilabel",), donate_argnums=0)
-def train_step(state: ProbeState, features: dict, labels: jax.Array, lr_scale_step,
+def train_step(state: ProbeState, features: dict, labels: jax.Array, lr_scale_step, weights=None,
                *, multilabel: bool = False) -> tuple[ProbeState, jax.Array]:
     """One SGD step of all 52 heads; returns the new state and the ``(52,)`` losses before the step.
 
     ``features``: ``probe_features`` output; ``labels``: ``(B,)`` ints, or ``(B, C)`` 0/1 with
-    ``multilabel=True``; ``lr_scale_step``: the schedule factor for this step,
+    ``multilabel=True`` and then ``weights`` ``(B, C)``: each entry's weight in the loss (0 = masked;
+    None = all ones); ``lr_scale_step``: the schedule factor for this step,
     ``cosine_factor(step, total_steps)`` for the reference schedule. A traced scalar, so any
     schedule (or a resumed run) needs no recompile. ``state`` is donated.
     """
     inputs = {layout_key(n, a): linear_input(features, n, a) for n, a in LAYOUTS}
 
     def total_loss(params):
-        losses = [_head_losses(_logits(params[k], inputs[k]), labels, multilabel) for k in inputs]
+        losses = [_head_losses(_logits(params[k], inputs[k]), labels, multilabel, weights) for k in inputs]
         losses = jnp.concatenate(losses)
         return losses.sum(), losses
 
@@ -211,14 +228,14 @@ def evaluate(state: ProbeState, features: dict) -> jax.Array:
 
 
 @partial(jax.jit, static_argnames=("n_blocks", "avgpool", "multilabel"), donate_argnums=0)
-def _single_head_step(head: dict, features: dict, labels: jax.Array, lr_scale_step, *,
+def _single_head_step(head: dict, features: dict, labels: jax.Array, lr_scale_step, weights, *,
                       n_blocks: int, avgpool: bool, multilabel: bool):
     """One head's own step with the fused step's functions on a stack of one: compiled once per
     layout and reused by its 13 learning rates."""
     x = linear_input(features, n_blocks, avgpool)
 
     def loss(params):
-        head_loss = _head_losses(_logits(params, x), labels, multilabel)
+        head_loss = _head_losses(_logits(params, x), labels, multilabel, weights)
         return head_loss.sum(), head_loss
 
     (_, head_loss), grads = jax.value_and_grad(loss, has_aux=True)(head["params"])
@@ -250,7 +267,7 @@ def stack_heads(heads: Sequence[dict], step) -> ProbeState:
     return ProbeState(params=params, momentum=momentum, lrs=lrs, step=jnp.asarray(step, jnp.int32))
 
 
-def sequential_train_step(heads: list[dict], features: dict, labels: jax.Array, lr_scale_step,
+def sequential_train_step(heads: list[dict], features: dict, labels: jax.Array, lr_scale_step, weights=None,
                           *, multilabel: bool = False) -> tuple[list[dict], jax.Array]:
     """The same step as ``train_step``, one jitted call per head (52 dispatches per round).
 
@@ -262,7 +279,7 @@ def sequential_train_step(heads: list[dict], features: dict, labels: jax.Array, 
     new_heads, losses = [], []
     for idx, head in enumerate(heads):
         n, a = LAYOUTS[idx // n_lr]
-        head, loss = _single_head_step(head, features, labels, lr_scale_step,
+        head, loss = _single_head_step(head, features, labels, lr_scale_step, weights,
                                        n_blocks=n, avgpool=a, multilabel=multilabel)
         new_heads.append(head)
         losses.append(loss)

@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import os
 
+from medjax.probe import findings as findings_lib
 from medjax.probe import linear_heads
 
+CONSTANT_TOLERANCE = 1e-6  # a few-label curve whose test means all lie this close is reported as unchanged
 _METRIC_NAMES = {"accuracy": "accuracy", "balanced_accuracy": "bal. acc", "mean_auc": "mean AUC",
                  "macro_f1": "macro F1", "macro_auc": "macro AUC"}
 
@@ -33,6 +35,49 @@ def markdown_table(results: dict) -> str:
                  f"{c['lr']:g}"] + [f"{r[split][m]:.3f}" for split, m in cols]
         rows.append("| " + " | ".join(cells) + " |")
     return "\n".join(rows) + "\n"
+
+
+def _auc(value) -> str:
+    return "-" if value is None or value != value else f"{value:.3f}"  # NaN: no AUC on that split
+
+
+def per_finding_table(results: dict) -> str:
+    """Multi-label: one row per finding with its positives / negatives in val and test, the val / test AUC of
+    each backbone's best head side by side, and whether the finding is in the mean (or why not)."""
+    names, found = results["class_names"], results["findings"]
+    backbones = results["backbones"]
+    rows = ["| finding | val pos / neg | test pos / neg | " + " | ".join(f"{n} val / test AUC" for n in backbones)
+            + " | in mean |", "|---|---|---|" + "---|" * (len(backbones) + 1)]
+    for j, name in enumerate(names):
+        c = found["counts"]
+        cells = [f"{c[s]['positives'][j]} / {c[s]['negatives'][j]}" for s in ("val", "test")]
+        cells += [f"{_auc(r['val']['per_label'][j]['auc'])} / {_auc(r['test']['per_label'][j]['auc'])}"
+                  for r in backbones.values()]
+        cells.append("yes" if j in found["scored"] else f"no: {found['left_out'][name]}")
+        rows.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(rows) + "\n"
+
+
+def constant_curves(results: dict) -> list[str]:
+    """One warning per backbone whose few-label test metric is the same (within ``CONSTANT_TOLERANCE``) at
+    every label fraction, with the likely causes."""
+    out = []
+    for name, r in results["backbones"].items():
+        curve = r.get("few_labels") or []
+        if len(curve) < 2:
+            continue
+        metric = "mean_auc" if results.get("multilabel") else r["selection"]
+        means = [e["test"][metric]["mean"] for e in curve]
+        if max(means) - min(means) > CONSTANT_TOLERANCE:
+            continue
+        heads = sorted({run["best_head"] for e in curve for run in e["runs"]})
+        out.append(f"{name}: the test {_METRIC_NAMES[metric]} is {means[0]:.6f} at every label fraction ("
+                   + ", ".join(f"{e['fraction']:.0%}" for e in curve) + f"; best head(s) {', '.join(heads)}), so the "
+                   "labels changed nothing. Likely causes: the best-on-val head is a low-learning-rate head that "
+                   "barely left its initialisation (every fraction's heads start from the same seed), too few steps "
+                   "(config.probe.epochs, epoch_length), features that carry no signal for these labels (compare "
+                   "random_init), or val/test sets too small for the metric to move.")
+    return out
 
 
 def few_label_table(results: dict) -> str:
@@ -140,9 +185,22 @@ def write(results: dict, workdir: str) -> str:
     table = markdown_table(results)
     few = few_label_table(results)
     text = (f"Task: {results['task']}. Best head by final val {any_result['selection']} over "
-            f"{len(linear_heads.head_names())} heads ({any_result['features']} features), reported on test.\n\n{table}")
+            f"{len(linear_heads.head_names())} heads ({any_result['features']} features), reported on test.\n\n")
+    if results.get("multilabel"):
+        text += f"AUC: {findings_lib.mean_over(results['findings'], results['class_names'])}.\n\n{table}"
+        text += f"\nPer finding (best head of each backbone):\n\n{per_finding_table(results)}"
+    else:
+        text += table
     if few:
         text += f"\nFew labels (whole patients, stratified, best head on val per draw):\n\n{few}"
+        curve = next(r["few_labels"] for r in results["backbones"].values() if r.get("few_labels"))
+        for e in curve:  # the draws are the same for every backbone
+            if e.get("missing_positives"):
+                text += (f"\nThe {e['fraction']:.0%} subset has no positive of " + ", ".join(
+                    f"{f} (seed{'s' if len(v) > 1 else ''} {', '.join(map(str, v))})"
+                    for f, v in e["missing_positives"].items()) + "; those heads saw only negatives of them.\n")
+        for warning in constant_curves(results):
+            text += f"\nWARNING: {warning}\n"
         plot_few_labels(results, os.path.join(workdir, "probe_few_labels.png"))
     if any(r.get("knn") for r in results["backbones"].values()):
         text += "\nkNN on the last block's normed CLS token (T = 0.07), test:\n\n" + knn_table(results)

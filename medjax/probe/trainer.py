@@ -17,7 +17,16 @@ same protocol runs on a randomly initialised backbone so that a reader can see
 how much of the score pretraining earned. With ``probe.label_fractions`` the
 protocol is repeated on 1 %, 10 %, ... of the training patients (whole
 patients, stratified by class, one draw per seed) and the test score of each
-draw's best-on-val head is reported as mean and spread.
+draw's best-on-val head is reported as mean and spread. Every draw trains for the full run's
+number of steps at the full run's batch size (a subset smaller than a batch repeats within it),
+as fine-tuning does: with steps and batch shrinking with the subset, a 1 % draw took a few steps
+at a tiny scaled lr, its heads stayed at their (seed-identical) initialisation, and every
+fraction reported the same near-random head.
+
+Multi-label tasks keep a row when some finding is labelled; the masked entries (blank, or
+uncertain under ``config.data.uncertain_labels="ignore"``) count in no head's loss and in no
+finding's AUC, and the mean AUC averages the findings that have both classes in val and test
+(``findings``).
 """
 
 from __future__ import annotations
@@ -38,6 +47,7 @@ from medjax.batching import map_batched
 from medjax.checkpoint import content_hash
 from medjax.data.augment import crop_box
 from medjax.data.fractions import subset_indices, summarise
+from medjax.probe import findings as findings_lib
 from medjax.probe import knn
 from medjax.probe import linear_heads
 from medjax.probe import report as probe_report
@@ -97,10 +107,11 @@ def all_logits(state, feats: dict) -> np.ndarray:
                            for i in range(0, n, _EVAL_CHUNK)], axis=1)
 
 
-def head_scores(logits: np.ndarray, labels: np.ndarray, multilabel: bool) -> dict[str, list[float]]:
-    """Every head's score under each selection metric of the task."""
+def head_scores(logits: np.ndarray, labels: np.ndarray, multilabel: bool, columns=None) -> dict[str, list[float]]:
+    """Every head's score under each selection metric of the task (multi-label: the mean AUC over
+    ``columns``, the scored findings; None = every finding with both classes here)."""
     if multilabel:
-        return {"mean_auc": [metrics.mean_label_auc(labels, h)[0] for h in logits]}
+        return {"mean_auc": [metrics.mean_label_auc(labels, h, columns)[0] for h in logits]}
     preds = logits.argmax(-1)
     return {"accuracy": [metrics.accuracy(labels, p) for p in preds],
             "balanced_accuracy": [metrics.balanced_accuracy(labels, p) for p in preds]}
@@ -116,33 +127,46 @@ def best_head(scores: list[float]) -> int:
 
 
 def train_heads(p, train_batch, n: int, labels: np.ndarray, val_feats: dict, val_labels: np.ndarray,
-                num_classes: int, seed: int, multilabel: bool, say=console.say):
+                num_classes: int, seed: int, multilabel: bool, say=console.say, *, schedule_size: int | None = None,
+                columns=None):
     """Trains the 52 heads; returns the state, the val history ``[{step, <metric>: [52]}]`` and the schedule.
 
     ``train_batch(index, rng) -> features`` gives the features of training rows ``index``
     (gathered from precomputed arrays, or augmented images through the backbone).
+    The batch size, the grid's lr scaling and the number of steps follow ``schedule_size`` rows
+    (the full training set; None = ``n``), so a few-label subset trains as long as the full run.
     Batches are consecutive slices of per-epoch permutations from ``seed``, all of one size (one
-    compile); a training set smaller than ``batch_size`` gives batches of the whole set, and the
-    grid's lr scaling uses that real batch size.
+    compile); a subset smaller than the batch fills it with several permutations of itself.
+    Multi-label ``labels`` hold 1, 0 and masked (< 0) entries; masked entries weigh 0 in the loss.
     """
-    batch = min(p.batch_size, n)
-    steps_per_epoch = p.epoch_length or math.ceil(n / batch)
+    size = schedule_size or n
+    batch = min(p.batch_size, size)
+    steps_per_epoch = p.epoch_length or math.ceil(size / batch)
     total = p.epochs * steps_per_epoch
     eval_every = p.eval_every or steps_per_epoch
     rng = np.random.default_rng(seed)
     dim = val_feats["patch_mean"].shape[1]
     state = linear_heads.init_state(jax.random.PRNGKey(seed), dim, num_classes, batch)
     order, pos, history = rng.permutation(n), 0, []
-    device_labels = jnp.asarray(labels, jnp.float32 if multilabel else jnp.int32)
+    if multilabel:
+        targets, weights = linear_heads.multilabel_targets(labels)
+        device_labels, device_weights = jnp.asarray(targets), jnp.asarray(weights)
+    else:
+        device_labels, device_weights = jnp.asarray(labels, jnp.int32), None
     for step in range(total):
-        if pos + batch > n:
-            order, pos = rng.permutation(n), 0
-        idx = order[pos:pos + batch]
-        pos += batch
-        state, losses = linear_heads.train_step(state, train_batch(idx, rng), device_labels[jnp.asarray(idx)],
-                                      linear_heads.cosine_factor(step, total), multilabel=multilabel)
+        if batch > n:  # a subset smaller than the batch
+            idx = np.concatenate([rng.permutation(n) for _ in range(math.ceil(batch / n))])[:batch]
+        else:
+            if pos + batch > n:
+                order, pos = rng.permutation(n), 0
+            idx = order[pos:pos + batch]
+            pos += batch
+        rows = jnp.asarray(idx)
+        state, losses = linear_heads.train_step(
+            state, train_batch(idx, rng), device_labels[rows], linear_heads.cosine_factor(step, total),
+            None if device_weights is None else device_weights[rows], multilabel=multilabel)
         if (step + 1) % eval_every == 0 or step + 1 == total:
-            scores = head_scores(all_logits(state, val_feats), val_labels, multilabel)
+            scores = head_scores(all_logits(state, val_feats), val_labels, multilabel, columns)
             history.append({"step": step + 1, **scores})
             say(f"  step {step + 1}/{total}: mean loss {float(jnp.mean(losses)):.4f}, "
                 + ", ".join(f"best val {k.replace('_', ' ')} {np.nanmax(v):.3f}" for k, v in scores.items()))
@@ -165,13 +189,18 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return np.exp(z) / np.exp(z).sum(-1, keepdims=True)
 
 
-def test_report(logits: np.ndarray, labels: np.ndarray, class_names, multilabel: bool) -> dict:
-    """The test metrics of one head: the classification report, or per-label AUCs for multi-label."""
+def test_report(logits: np.ndarray, labels: np.ndarray, class_names, multilabel: bool, columns=None) -> dict:
+    """The metrics of one head on a split: the classification report, or for multi-label per-finding AUCs
+    on the labelled entries with their positives and negatives, and the mean over ``columns`` (the scored
+    findings; None = every finding with both classes here)."""
     if multilabel:
         probs = 1.0 / (1.0 + np.exp(-logits.astype(np.float64)))
-        mean, per_label, excluded = metrics.mean_label_auc(labels, probs)
+        mean, per_label, excluded = metrics.mean_label_auc(labels, probs, columns)
+        pos, neg = findings_lib.counts(labels)
+        averaged = range(len(class_names)) if columns is None else columns
         return {"num_samples": int(len(labels)), "mean_auc": mean,
-                "per_label": [{"name": n, "positives": int(labels[:, i].sum()), "auc": float(per_label[i])}
+                "mean_auc_over": [class_names[i] for i in averaged if i not in excluded],
+                "per_label": [{"name": n, "positives": pos[i], "negatives": neg[i], "auc": float(per_label[i])}
                               for i, n in enumerate(class_names)],
                 "auc_excluded_labels": [class_names[i] for i in excluded]}, probs
     probs = softmax(logits)
@@ -187,8 +216,10 @@ def probe_features_of(name, backbone, params, splits: dict, config, say=console.
 
 def fit_and_select(backbone, params, feats: dict, splits: dict, num_classes: int, multilabel: bool, config,
                    seed: int, train_index=None, say=console.say) -> dict:
-    """Trains the heads on (a subset of) train, picks the best on val; returns state, index, history."""
+    """Trains the heads on (a subset of) train with the full training set's schedule, picks the best on
+    val (multi-label: mean AUC over the findings scored in val and test); returns state, index, history."""
     p = config.probe
+    columns = findings_lib.scored_columns(splits) if multilabel else None
     train = splits["train"] if train_index is None else splits["train"].subset(train_index)
     if p.features == "augmented":
         batches = _augmented(backbone, params, train.images, config.crops.mean[0], config.crops.std[0])
@@ -196,7 +227,8 @@ def fit_and_select(backbone, params, feats: dict, splits: dict, num_classes: int
         train_feats = feats["train"] if train_index is None else {k: v[train_index] for k, v in feats["train"].items()}
         batches = _precomputed(train_feats)
     state, history, schedule = train_heads(p, batches, len(train.labels), train.labels, feats["val"],
-                                           splits["val"].labels, num_classes, seed, multilabel, say)
+                                           splits["val"].labels, num_classes, seed, multilabel, say,
+                                           schedule_size=len(splits["train"].labels), columns=columns)
     return {"state": state, "best": best_head(history[-1][p.selection]), "history": history,
             "schedule": schedule, "train_slices": int(len(train.labels)),
             "train_patients": int(len(set(train.patients.tolist())))}
@@ -208,12 +240,13 @@ def probe_backbone(name, backbone, params, splits, class_names, multilabel, conf
     feats = probe_features_of(name, backbone, params, splits, config, say)
     fit = fit_and_select(backbone, params, feats, splits, len(class_names), multilabel, config, config.seed, say=say)
     names, best, final = linear_heads.head_names(), fit["best"], fit["history"][-1]
+    columns = findings_lib.scored_columns(splits) if multilabel else None
     n_blocks, avgpool = linear_heads.LAYOUTS[best // len(linear_heads.LR_GRID)]
     lr = linear_heads.LR_GRID[best % len(linear_heads.LR_GRID)]
     val_report, _ = test_report(all_logits(fit["state"], feats["val"])[best], splits["val"].labels, class_names,
-                                multilabel)
+                                multilabel, columns)
     report, probs = test_report(all_logits(fit["state"], feats["test"])[best], splits["test"].labels,
-                                class_names, multilabel)
+                                class_names, multilabel, columns)
     if not multilabel:
         metrics.save_confusion_matrix_png(report["confusion_matrix"], class_names,
                                           os.path.join(workdir, f"confusion_{name}.png"),
@@ -251,27 +284,39 @@ def probe_backbone(name, backbone, params, splits, class_names, multilabel, conf
 
 def few_label_curve(name, backbone, params, feats, splits, class_names, multilabel, config, full_fit,
                     say=console.say) -> list[dict]:
-    """Test score of the best-on-val head for each label fraction and seed (whole patients per draw)."""
+    """Test score of the best-on-val head for each label fraction and seed (whole patients per draw). A
+    multi-label draw without a finding's positives is a warning naming finding and fraction, not an error."""
     p, train = config.probe, splits["train"]
     metric = "mean_auc" if multilabel else p.selection
+    columns = findings_lib.scored_columns(splits) if multilabel else None
     curve = []
     for fraction in sorted(p.label_fractions):
-        runs = []
+        runs, missing = [], {}
         for seed in range(p.fraction_seeds):
             if fraction >= 1.0 and seed == 0:
                 fit = full_fit  # the main run is the 100 % run of seed 0
             else:
                 index = subset_indices(train.patients, train.labels, fraction, seed)
+                if multilabel:
+                    for finding in findings_lib.missing_positives(train.labels[index], class_names):
+                        missing.setdefault(finding, []).append(seed)
                 fit = fit_and_select(backbone, params, feats, splits, len(class_names), multilabel, config,
                                      config.seed + seed, train_index=index, say=console.silent)
             logits = all_logits(fit["state"], feats["test"])[fit["best"]]
-            report, _ = test_report(logits, splits["test"].labels, class_names, multilabel)
+            report, _ = test_report(logits, splits["test"].labels, class_names, multilabel, columns)
             runs.append({"seed": seed, "train_patients": fit["train_patients"],
                          "train_slices": fit["train_slices"], "best_head": linear_heads.head_names()[fit["best"]],
                          "test": {k: report[k] for k in ("accuracy", "balanced_accuracy", "macro_auc",
                                                           "macro_f1", "mean_auc") if k in report}})
         entry = {"fraction": fraction, "runs": runs,
                  "test": {k: summarise([r["test"][k] for r in runs]) for k in runs[0]["test"]}}
+        if missing:
+            entry["missing_positives"] = missing
+            console.warn(f"{name}: the {fraction:.0%} subset of the training patients has no positive of "
+                         + ", ".join(f"{f} (seed{'s' if len(s) > 1 else ''} {', '.join(map(str, s))})"
+                                     for f, s in missing.items())
+                         + "; those heads see only negatives of them (the test AUC of such a finding is chance "
+                         "at best).")
         curve.append(entry)
         say(f"{name}: {fraction:.0%} of the training patients ({runs[0]['train_patients']}): test {metric} "
             f"{entry['test'][metric]['mean']:.3f} +- {entry['test'][metric]['std']:.3f} over {len(runs)} seed(s)")
@@ -341,6 +386,10 @@ def probe_runs(config, workdir: str) -> dict:
             say(f"linear probe: {task}; {'labels' if multilabel else 'classes'} {', '.join(class_names)}; "
                 + ", ".join(f"{len(s.labels)} {name}" for name, s in splits.items()) + " slices")
             results.update(task=task, multilabel=multilabel, class_names=class_names)
+            if multilabel:
+                results["findings"] = findings_lib.scored_findings(splits, class_names)
+                (console.warn if results["findings"]["left_out"] else say)(
+                    "linear probe: AUC " + findings_lib.mean_over(results["findings"], class_names) + ".")
         for name, (params, record) in backbones.items():
             label = name
             if several:  # e.g. "DINOv2 demo" and "DINOv2 demo, random init"
@@ -352,4 +401,6 @@ def probe_runs(config, workdir: str) -> dict:
                                  say)}
     table = probe_report.write(results, workdir)
     say(table)
+    for warning in probe_report.constant_curves(results):
+        console.warn(warning)
     return results

@@ -6,6 +6,7 @@ from __future__ import annotations
 from medjax.cross_validation import check_cv_folds
 from medjax.data.fractions import validate_fractions
 from medjax.data.job_manifest import data_folds
+from medjax.data.labelled import uncertain_policy
 from medjax.data.sources import index_options
 
 SELECTIONS = {False: ("accuracy", "balanced_accuracy"), True: ("mean_auc",)}  # by multilabel
@@ -16,6 +17,7 @@ def validate(config) -> None:
     """One sentence naming the first bad value."""
     index_options(config)  # config.data's volume_index, mask_resample, mask_values
     data_folds(config)
+    uncertain_policy(config)
     p = config.probe
     check_cv_folds(p.cv_folds, "config.probe.cv_folds")
     if not p.checkpoint_dir:
@@ -39,6 +41,7 @@ def validate(config) -> None:
 def validate_evals(c) -> None:
     """The ``evals`` section of a pretraining config (the in-run evaluator: ``medjax.probe.evaluator``)."""
     e = c.evals
+    uncertain_policy(c)  # config.data.uncertain_labels: how the evaluations read uncertain labels
     if e.every < 0:
         raise ValueError(f"config.evals.every={e.every} must be 0 (no evaluations during the run) or positive.")
     if (e.every or e.final) and not (e.knn or e.linear_probe):

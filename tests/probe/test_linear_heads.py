@@ -23,14 +23,15 @@ def _reference_linear_input(blocks, num_register_tokens, n, avgpool):
     return out.astype(np.float32)
 
 
-def _numpy_head_step(w, b, m_w, m_b, x, labels, lr, multilabel):
-    """One head, one torch-SGD step, gradients in closed form (float64)."""
+def _numpy_head_step(w, b, m_w, m_b, x, labels, lr, multilabel, weights=None):
+    """One head, one torch-SGD step, gradients in closed form (float64); multi-label entries times ``weights``."""
     logits = x @ w + b
     batch = x.shape[0]
     if multilabel:
+        weights = np.ones_like(logits) if weights is None else weights
         p = 1.0 / (1.0 + np.exp(-logits))
-        loss = np.mean(np.sum(np.logaddexp(0, logits) - labels * logits, axis=1))
-        g = (p - labels) / batch
+        loss = np.mean(np.sum(weights * (np.logaddexp(0, logits) - labels * logits), axis=1))
+        g = weights * (p - labels) / batch
     else:
         z = logits - logits.max(axis=1, keepdims=True)
         logp = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
@@ -95,8 +96,10 @@ def test_feature_layout_matches_reference_construction():
 # ---------------------------------------------------------------- the fused step
 
 
-@pytest.mark.parametrize("multilabel", [False, True])
-def test_fused_step_equals_independent_heads(multilabel):
+@pytest.mark.parametrize("multilabel, masked", [(False, False), (True, False), (True, True)])
+def test_fused_step_equals_independent_heads(multilabel, masked):
+    """The fused step against 52 numpy heads; ``masked``: multi-label rows with masked (-1) entries, which
+    count in no head's loss or gradient."""
     rng = np.random.default_rng(0)
     batch, dim, classes = 8, 4, 3
     # Global batch 2560 scales the grid by 10 (lrs up to 1.0) so that every head moves visibly.
@@ -109,14 +112,22 @@ def test_fused_step_equals_independent_heads(multilabel):
         feats = _random_features(rng, batch, dim)
         labels = (rng.random((batch, classes)) < 0.4).astype(np.float32) if multilabel else \
             rng.integers(0, classes, batch)
-        state, losses = linear_heads.train_step(state, feats, jnp.asarray(labels), factor, multilabel=multilabel)
-        heads, seq_losses = linear_heads.sequential_train_step(heads, feats, jnp.asarray(labels), factor,
-                                                     multilabel=multilabel)
+        weights = None
+        if masked:
+            labels[rng.random((batch, classes)) < 0.3] = -1
+            labels[0] = -1  # a row with every entry masked still counts in the batch mean
+            labels, weights = linear_heads.multilabel_targets(labels)
+            assert weights.min() == 0 and weights[1:].max() == 1
+        device_w = None if weights is None else jnp.asarray(weights)
+        state, losses = linear_heads.train_step(state, feats, jnp.asarray(labels), factor, device_w,
+                                                multilabel=multilabel)
+        heads, seq_losses = linear_heads.sequential_train_step(heads, feats, jnp.asarray(labels), factor, device_w,
+                                                               multilabel=multilabel)
         ref_losses = []
         for i, (w, b, m_w, m_b, lr) in enumerate(ref):
             n, avgpool = linear_heads.LAYOUTS[i // n_lr]
             x = np.asarray(linear_heads.linear_input(feats, n, avgpool), np.float64)
-            w, b, m_w, m_b, loss = _numpy_head_step(w, b, m_w, m_b, x, labels, lr * factor, multilabel)
+            w, b, m_w, m_b, loss = _numpy_head_step(w, b, m_w, m_b, x, labels, lr * factor, multilabel, weights)
             ref[i] = [w, b, m_w, m_b, lr]
             ref_losses.append(loss)
         np.testing.assert_allclose(losses, ref_losses, atol=1e-6)
@@ -132,6 +143,27 @@ def test_fused_step_equals_independent_heads(multilabel):
         moved = max(moved, np.max(np.abs(b)))
     assert moved > 0.05  # the comparison is not between nearly untouched heads
     assert int(state.step) == 3
+
+
+def test_masked_multilabel_loss_by_hand():
+    """BCE of the labelled entries only, summed over findings, divided by the batch's rows: written out for
+    two rows and three findings (one uncertain-and-ignored, one blank)."""
+    logits = np.array([[[2.0, -1.0, 0.5], [0.0, 3.0, -2.0]]])  # (1 head, 2 rows, 3 findings)
+    rows = np.array([[1, -1, 0], [0, 1, -1]])
+    targets, weights = linear_heads.multilabel_targets(rows)
+    np.testing.assert_array_equal(targets, [[1, 0, 0], [0, 1, 0]])
+    np.testing.assert_array_equal(weights, [[1, 0, 1], [1, 1, 0]])
+
+    def bce(z, y):  # -[y log sigmoid(z) + (1 - y) log(1 - sigmoid(z))]
+        p = 1.0 / (1.0 + math.exp(-z))
+        return -(y * math.log(p) + (1 - y) * math.log(1 - p))
+
+    by_hand = (bce(2.0, 1) + bce(0.5, 0) + bce(0.0, 0) + bce(3.0, 1)) / 2
+    got = linear_heads._head_losses(jnp.asarray(logits), jnp.asarray(targets), True, jnp.asarray(weights))
+    np.testing.assert_allclose(np.asarray(got), [by_hand], rtol=1e-6)
+    unmasked = linear_heads._head_losses(jnp.asarray(logits), jnp.asarray(targets), True)
+    # Unmasked, the two entries would add their BCE against target 0.
+    np.testing.assert_allclose(np.asarray(unmasked), [by_hand + (bce(-1.0, 0) + bce(-2.0, 0)) / 2], rtol=1e-6)
 
 
 def test_summed_loss_gives_each_head_its_own_gradient():
