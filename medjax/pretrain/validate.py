@@ -63,9 +63,9 @@ def validate(c) -> None:
             "config.loss.ibot_weight > 0 needs masked images: set config.loss.mask_probability > 0 "
             "(0.5 is the official value) or config.loss.ibot_weight=0."
         )
-    if not 0 <= c.model.head_warmup_epochs < c.optim.epochs:
+    if c.model.head_warmup_epochs < 0 or (c.model.init_weights and c.model.head_warmup_epochs >= c.optim.epochs):
         raise ValueError(f"config.model.head_warmup_epochs={c.model.head_warmup_epochs} must be 0 or more and "
-                         f"fewer than config.optim.epochs={c.optim.epochs}.")
+                         f"(with config.model.init_weights) fewer than config.optim.epochs={c.optim.epochs}.")
     if c.loss.koleo_batch not in ("device", "global"):
         raise ValueError(f"config.loss.koleo_batch={c.loss.koleo_batch!r} must be 'device' (each device's images, "
                          "as the reference computes KoLeo per GPU) or 'global' (the whole batch).")
