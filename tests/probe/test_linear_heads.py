@@ -135,9 +135,10 @@ def test_fused_step_equals_independent_heads(multilabel, masked):
     fused = linear_heads.unstack_heads(state)
     moved = worst = 0.0
     for i, (w, b, m_w, m_b, _) in enumerate(ref):
-        for got, want in ((fused[i]["params"]["w"], w), (fused[i]["params"]["b"], b),
-                          (fused[i]["momentum"]["w"], m_w), (fused[i]["momentum"]["b"], m_b),
-                          (heads[i]["params"]["w"], w), (heads[i]["momentum"]["b"], m_b)):
+        # The whole state of every head (weights, biases and both momentum buffers), fused and one by one.
+        for got, want in [(h[part][p], ref_value) for h in (fused[i], heads[i])
+                          for part, p, ref_value in (("params", "w", w), ("params", "b", b),
+                                                     ("momentum", "w", m_w), ("momentum", "b", m_b))]:
             worst = max(worst, np.max(np.abs(np.asarray(got[0], np.float64) - want)))
             assert worst <= 1e-6
         moved = max(moved, np.max(np.abs(b)))
