@@ -7,7 +7,12 @@ a target carries about its image. A collapsed teacher gives every image the same
 difference is near 0 and the student learns nothing about images. At initialisation every run looks
 like that (LayerScale 1e-5 makes every image's CLS token alike), so a run is judged only after its
 grace period; after it, a window is flagged when the targets are collapsed, or when the image
-information they carry has fallen below half of its best (a collapse on its way).
+information they carry has fallen below half of its best (a collapse on its way), in this logged window
+and the one before (a single window of a recovering run is not a collapse).
+
+The thresholds come from the demo runs (BUILD_NOTES, "The demo recipe"): collapsed runs carried at most
+0.4 % of log K of image information, image-specific ones at least 4.5 % (Sinkhorn-Knopp makes the batch
+mean exactly uniform, so there the information is log K minus the teacher entropy); the bar is 1 %.
 """
 
 from __future__ import annotations
@@ -22,6 +27,9 @@ SMALL_BATCH_ADVICE = ("settings that kept small-batch runs image-specific on the
                       "config.head.n_prototypes=512, config.loss.koleo_weight=1.0 (README, 'Small batches')")
 
 
+INFORMATION_FLOOR = 0.01  # image information (batch-mean minus per-image entropy) below this share of log K
+
+
 def collapse_verdict(teacher_entropy: float, batch_entropy: float, n_prototypes: int) -> str:
     """One line on the teacher's state: uniform, a single mode, little image information, or fine."""
     log_k = math.log(n_prototypes)
@@ -30,14 +38,15 @@ def collapse_verdict(teacher_entropy: float, batch_entropy: float, n_prototypes:
                 "shorter than the teacher's EMA horizon; see training_overview.png)")
     if batch_entropy < 0.1 * log_k:
         return "collapsed to one mode: every image gets the same sharp target (see training_overview.png)"
-    if batch_entropy - teacher_entropy < 0.05 * log_k:
+    if batch_entropy - teacher_entropy < INFORMATION_FLOOR * log_k:
         return (f"targets carry little information about the image yet ({batch_entropy - teacher_entropy:.2f} "
                 "nats: the batch mean is nearly as spread as each target); judge the features by config.evals")
     return "not collapsed: targets are image-specific and spread over the prototypes"
 
 
 class CollapseWatch:
-    """Reads each logged window's entropies; flags collapse after ``grace_steps`` steps.
+    """Reads each logged window's entropies; flags collapse after ``grace_steps`` steps when two windows in a
+    row show it.
 
     ``check(step, row)`` adds ``collapse_warning`` (1 or 0) to the row (the overview plot shades the
     flagged steps) and returns a short note for the progress line ("" when all is well).
@@ -47,6 +56,7 @@ class CollapseWatch:
         self.log_k = math.log(n_prototypes)
         self.grace_steps = grace_steps
         self.best_information = 0.0
+        self.previous_signal = ""
         self.first_flagged: int | None = None
         self.flagged_windows = 0
 
@@ -55,18 +65,20 @@ class CollapseWatch:
         if teacher is None or batch is None or not (math.isfinite(teacher) and math.isfinite(batch)):
             return ""
         information = batch - teacher
-        note = ""
+        signal = ""
         if step > self.grace_steps:
             if teacher > 0.98 * self.log_k:
-                note = "collapse: uniform targets"
+                signal = "collapse: uniform targets"
             elif batch < 0.1 * self.log_k:
-                note = "collapse: one target for every image"
-            elif information < 0.05 * self.log_k:
-                note = "collapse: targets ignore the image"
-            elif self.best_information >= 0.1 * self.log_k and information < 0.5 * self.best_information:
-                note = (f"collapsing: image information in the targets fell from {self.best_information:.2f} "
-                        f"to {information:.2f} nats")
+                signal = "collapse: one target for every image"
+            elif information < INFORMATION_FLOOR * self.log_k:
+                signal = "collapse: targets ignore the image"
+            elif self.best_information >= 0.05 * self.log_k and information < 0.5 * self.best_information:
+                signal = (f"collapsing: image information in the targets fell from {self.best_information:.2f} "
+                          f"to {information:.2f} nats")
         self.best_information = max(self.best_information, information)
+        note = signal if signal and self.previous_signal else ""  # two windows in a row
+        self.previous_signal = signal
         row["collapse_warning"] = float(bool(note))
         if note:
             self.flagged_windows += 1
