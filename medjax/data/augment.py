@@ -10,6 +10,13 @@ blur, noise).
 
 Everything is numpy on the host; one `np.random.Generator` drives all draws,
 so a record's views are a pure function of (image, generator state).
+
+Speed (a worker process must keep up with a GPU at 2 x 224 + 8 x 96 crops per
+image): each crop is cut and resampled in one PIL call, its flip is folded into
+the copy out of PIL, every photometric step works in place in float32 on two
+scratch arrays that all crops (and all images of a batch, see
+`multicrop_into`) share, the blur is scipy's separable 9-tap Gaussian without
+its per-call set-up.
 """
 
 from __future__ import annotations
@@ -121,51 +128,133 @@ def crop_box(height: int, width: int, scale, ratio, rng: np.random.Generator):
     return (height - h) // 2, (width - w) // 2, h, w
 
 
-def _resize_box(planes, box, size: int) -> np.ndarray:
-    """Bicubic resample of `box` of each float plane to (size, size, C)."""
+class Workspace:
+    """Two float32 scratch arrays per crop shape, reused by every crop (and every image of a batch): a crop
+    is resampled into one, blurred into the other and back, and only its normalised result is written out."""
+
+    def __init__(self):
+        self._pairs = {}
+
+    def pair(self, shape) -> tuple[np.ndarray, np.ndarray]:
+        shape = tuple(shape)
+        if shape not in self._pairs:
+            self._pairs[shape] = (np.empty(shape, np.float32), np.empty(shape, np.float32))
+        return self._pairs[shape]
+
+
+def _resize_box(planes, box, size: int, flip: bool, out: np.ndarray) -> np.ndarray:
+    """Bicubic resample of `box` of each float plane into `out` (size, size, C), mirrored left-right when
+    `flip`: the clip that must copy PIL's read-only pixels anyway writes them flipped, for free."""
     top, left, h, w = box
     pil_box = (left, top, left + w, top + h)
-    out = [np.asarray(p.resize((size, size), Image.BICUBIC, box=pil_box)) for p in planes]
-    # Bicubic overshoots at edges; the input range is [0, 1], keep it (as uint8 PIL images do).
-    return np.clip(np.stack(out, axis=-1), 0.0, 1.0)
+    for i, plane in enumerate(planes):
+        pixels = np.asarray(plane.resize((size, size), Image.BICUBIC, box=pil_box))
+        # Bicubic overshoots at edges; the input range is [0, 1], keep it (as uint8 PIL images do).
+        np.clip(pixels[:, ::-1] if flip else pixels, 0.0, 1.0, out=out[:, :, i])
+    return out
 
 
-def _intensity(x: np.ndarray, cfg: MultiCropConfig, blur_p: float, rng: np.random.Generator) -> np.ndarray:
-    """Photometric augmentation of one crop (values in [0, 1] in and out, before noise); the crop is
-    (H, W, C) or, for volumes, (D, H, W, C)."""
+@dataclasses.dataclass(frozen=True)
+class CropDraws:
+    """The random choices of one crop's flip and photometric augmentation; None = not applied."""
+
+    flip: bool
+    brightness: float | None  # factor, with the contrast factor below (ColorJitter applies both or neither)
+    contrast: float | None
+    brightness_first: bool  # ColorJitter's random order of the two
+    gamma: float | None
+    blur_sigma: float | None
+    noise_std: float | None
+
+
+def draw_crop(cfg: MultiCropConfig, blur_p: float, rng: np.random.Generator) -> CropDraws:
+    """Every choice of one crop but its noise field, in the order they have always been drawn (so seeded
+    runs keep their exact views): flip, ColorJitter (both factors or neither, in a random order), gamma,
+    blur, noise."""
+    flip = rng.random() < cfg.flip_p
+    factors = {}
+    brightness_first = True
     if rng.random() < cfg.intensity_p:
-        # Random order of the two, as torchvision's ColorJitter.
-        for op in rng.permutation(2):
-            if op == 0:
-                x = x * np.float32(rng.uniform(1 - cfg.brightness, 1 + cfg.brightness))
+        order = rng.permutation(2)  # torchvision's ColorJitter applies its parts in a random order
+        brightness_first = bool(order[0] == 0)
+        for op in order:
+            strength = cfg.brightness if op == 0 else cfg.contrast
+            factors[int(op)] = rng.uniform(1 - strength, 1 + strength)
+    gamma = None
+    if rng.random() < cfg.gamma_p:
+        gamma = math.exp(rng.uniform(math.log(cfg.gamma_range[0]), math.log(cfg.gamma_range[1])))
+    blur_sigma = rng.uniform(*cfg.blur_sigma) if rng.random() < blur_p else None
+    noise_std = rng.uniform(*cfg.noise_std) if rng.random() < cfg.noise_p else None
+    return CropDraws(flip=flip, brightness=factors.get(0), contrast=factors.get(1),
+                     brightness_first=brightness_first, gamma=gamma, blur_sigma=blur_sigma, noise_std=noise_std)
+
+
+def gaussian_weights(sigma: float) -> np.ndarray:
+    """The 9 taps of scipy.ndimage's Gaussian of radius 4 (same formula: blurs match gaussian_filter's)."""
+    x = np.arange(-_BLUR_RADIUS, _BLUR_RADIUS + 1)
+    phi = np.exp(-0.5 / (sigma * sigma) * x**2)
+    return phi / phi.sum()
+
+
+def _blur(x: np.ndarray, sigma: float, spare: np.ndarray):
+    """Separable Gaussian blur of the spatial axes of a channels-last crop (never across channels), mirror
+    edges, passing between ``x`` and ``spare``; returns (blurred, the other buffer)."""
+    weights = gaussian_weights(sigma)
+    for axis in range(x.ndim - 1):
+        ndimage.correlate1d(x, weights, axis=axis, output=spare, mode="mirror")
+        x, spare = spare, x
+    return x, spare
+
+
+def photometric(x: np.ndarray, draws: CropDraws, rng: np.random.Generator, spare: np.ndarray | None = None):
+    """Photometric augmentation of one crop (values in [0, 1] in and out, before noise), in place: ``x``
+    (H, W, C) or, for volumes, (D, H, W, C) float32 is overwritten, ``spare`` (its shape, float32;
+    allocated if None) is scratch. Returns the augmented crop: ``x`` or ``spare``."""
+    if draws.brightness is not None:
+        for brightness in (True, False) if draws.brightness_first else (False, True):
+            if brightness:
+                x *= np.float32(draws.brightness)
             else:
                 m = x.mean()
-                x = (x - m) * np.float32(rng.uniform(1 - cfg.contrast, 1 + cfg.contrast)) + m
-            x = np.clip(x, 0.0, 1.0)
-    if rng.random() < cfg.gamma_p:
-        g = math.exp(rng.uniform(math.log(cfg.gamma_range[0]), math.log(cfg.gamma_range[1])))
-        x = np.power(x, np.float32(g))
-    if rng.random() < blur_p:
-        sigma = rng.uniform(*cfg.blur_sigma)
-        spatial = x.ndim - 1  # (H, W, C) slices or (D, H, W, C) volumes: never across channels
-        x = ndimage.gaussian_filter(x, sigma=(sigma,) * spatial + (0,), mode="mirror",
-                                    radius=(_BLUR_RADIUS,) * spatial + (0,))
-    if rng.random() < cfg.noise_p:
-        std = np.float32(rng.uniform(*cfg.noise_std))
-        x = x + std * rng.standard_normal(x.shape, dtype=np.float32)
+                x -= m
+                x *= np.float32(draws.contrast)
+                x += m
+            np.clip(x, 0.0, 1.0, out=x)
+    if draws.gamma is not None:
+        np.power(x, np.float32(draws.gamma), out=x)
+    if spare is None and (draws.blur_sigma is not None or draws.noise_std is not None):
+        spare = np.empty(x.shape, np.float32)
+    if draws.blur_sigma is not None:
+        x, spare = _blur(x, draws.blur_sigma, spare)
+    if draws.noise_std is not None:
+        # Drawn into the free buffer (a flipped 3D view is not one: then a new array).
+        noise = (rng.standard_normal(dtype=np.float32, out=spare) if spare.flags.c_contiguous
+                 else rng.standard_normal(x.shape, dtype=np.float32))
+        noise *= np.float32(draws.noise_std)
+        x += noise
     return x
+
+
+def normalise(x: np.ndarray, cfg: MultiCropConfig, mean, inv_std, out: np.ndarray | None = None) -> np.ndarray:
+    """(x - mean) / std into ``out`` (a fresh contiguous float32 array if None), a 1-channel crop repeated
+    to ``cfg.channels``."""
+    if out is None:
+        c_out = x.shape[-1] if cfg.channels is None else cfg.channels
+        out = np.empty(x.shape[:-1] + (c_out,), np.float32)
+    np.subtract(x, mean, out=out)  # broadcasting repeats a single channel
+    out *= inv_std
+    return out
 
 
 def finish_crop(x: np.ndarray, cfg: MultiCropConfig, blur_p: float, rng: np.random.Generator, mean,
                 inv_std) -> np.ndarray:
-    """A resized crop (channels last, values in [0, 1]) -> flipped left-right with ``cfg.flip_p``,
-    photometrically augmented, repeated to ``cfg.channels`` and normalised; 2D slices and 3D volumes."""
-    if rng.random() < cfg.flip_p:
+    """A resized crop (channels last, values in [0, 1], a fresh float32 array that is overwritten) ->
+    flipped left-right with ``cfg.flip_p``, photometrically augmented, repeated to ``cfg.channels`` and
+    normalised; 2D slices and 3D volumes."""
+    draws = draw_crop(cfg, blur_p, rng)
+    if draws.flip:
         x = np.flip(x, axis=-2)  # the width axis of (H, W, C) and of (D, H, W, C)
-    x = _intensity(x, cfg, blur_p, rng)
-    if cfg.channels is not None and x.shape[-1] != cfg.channels:
-        x = np.repeat(x, cfg.channels, axis=-1)
-    return np.ascontiguousarray((x - mean) * inv_std, dtype=np.float32)
+    return normalise(photometric(x, draws, rng), cfg, mean, inv_std)
 
 
 def output_normalisation(cfg: MultiCropConfig, channels: int, what: str):
@@ -180,11 +269,6 @@ def output_normalisation(cfg: MultiCropConfig, channels: int, what: str):
     return np.asarray(cfg.mean, np.float32), 1.0 / np.asarray(cfg.std, np.float32)
 
 
-def _one_crop(planes, hw, size, scale, blur_p, cfg, rng, mean, inv_std):
-    box = crop_box(hw[0], hw[1], scale, cfg.ratio, rng)
-    return finish_crop(_resize_box(planes, box, size), cfg, blur_p, rng, mean, inv_std)
-
-
 def _as_hwc(image) -> np.ndarray:
     x = np.asarray(image, dtype=np.float32)
     if x.ndim == 2:
@@ -194,12 +278,17 @@ def _as_hwc(image) -> np.ndarray:
     return x
 
 
-def multicrop(image, rng: np.random.Generator, cfg: MultiCropConfig) -> dict:
-    """Views of one slice: `{"global_crops": [...], "local_crops": [...]}`.
+def output_channels(cfg: MultiCropConfig, image) -> int:
+    """Channels of the crops ``multicrop`` makes of ``image``."""
+    c = _as_hwc(image).shape[-1]
+    return c if cfg.channels is None else cfg.channels
 
-    `image` is `(H, W)` or `(H, W, C)` with intensities already in [0, 1]; each
-    crop is float32 `(size, size, C_out)`, normalised with `cfg.mean/std`.
-    """
+
+def multicrop_into(image, rng: np.random.Generator, cfg: MultiCropConfig, global_out: np.ndarray,
+                   local_out: np.ndarray, workspace: Workspace | None = None) -> None:
+    """Writes the views of one slice into ``global_out[i]`` (n_global, Sg, Sg, C_out) and ``local_out[i]``
+    (n_local, Sl, Sl, C_out), e.g. an image's rows of a batch; ``workspace`` can be shared by the images
+    of a batch. Same views as ``multicrop`` for the same generator state."""
     x = _as_hwc(image)
     height, width, c = x.shape
     largest = max(cfg.global_size, cfg.local_size)
@@ -210,14 +299,27 @@ def multicrop(image, rng: np.random.Generator, cfg: MultiCropConfig) -> dict:
         )
     mean, inv_std = output_normalisation(cfg, c, "image")
     planes = [Image.fromarray(np.ascontiguousarray(x[:, :, i]), mode="F") for i in range(c)]
-    hw = (height, width)
+    workspace = workspace or Workspace()
     blur = cfg.global_blur_p
-    global_crops = [
-        _one_crop(planes, hw, cfg.global_size, cfg.global_scale, blur[min(i, len(blur) - 1)], cfg, rng, mean, inv_std)
-        for i in range(cfg.n_global)
-    ]
-    local_crops = [
-        _one_crop(planes, hw, cfg.local_size, cfg.local_scale, cfg.local_blur_p, cfg, rng, mean, inv_std)
-        for _ in range(cfg.n_local)
-    ]
-    return {"global_crops": global_crops, "local_crops": local_crops}
+    crops = [(global_out[i], cfg.global_size, cfg.global_scale, blur[min(i, len(blur) - 1)])
+             for i in range(cfg.n_global)]
+    crops += [(local_out[i], cfg.local_size, cfg.local_scale, cfg.local_blur_p) for i in range(cfg.n_local)]
+    for out, size, scale, blur_p in crops:
+        box = crop_box(height, width, scale, cfg.ratio, rng)
+        draws = draw_crop(cfg, blur_p, rng)
+        resized, spare = workspace.pair((size, size, c))
+        _resize_box(planes, box, size, draws.flip, resized)
+        normalise(photometric(resized, draws, rng, spare), cfg, mean, inv_std, out=out)
+
+
+def multicrop(image, rng: np.random.Generator, cfg: MultiCropConfig) -> dict:
+    """Views of one slice: `{"global_crops": [...], "local_crops": [...]}`.
+
+    `image` is `(H, W)` or `(H, W, C)` with intensities already in [0, 1]; each
+    crop is float32 `(size, size, C_out)`, normalised with `cfg.mean/std`.
+    """
+    c_out = output_channels(cfg, image)
+    global_out = np.empty((cfg.n_global, cfg.global_size, cfg.global_size, c_out), np.float32)
+    local_out = np.empty((cfg.n_local, cfg.local_size, cfg.local_size, c_out), np.float32)
+    multicrop_into(image, rng, cfg, global_out, local_out)
+    return {"global_crops": list(global_out), "local_crops": list(local_out)}

@@ -24,7 +24,7 @@ from __future__ import annotations
 import grain
 import numpy as np
 
-from medjax.data.augment import MultiCropConfig, multicrop
+from medjax.data.augment import MultiCropConfig, Workspace, multicrop_into, output_channels
 from medjax.data.augment3d import MultiCrop3DConfig, multicrop3d
 from medjax.data.masking import (MaskingGenerator, MaskingGenerator3D, mask_index_arrays, mask_upper_bound,
                                  sample_batch_masks)
@@ -33,33 +33,43 @@ from medjax.data.masking import (MaskingGenerator, MaskingGenerator3D, mask_inde
 _SHUFFLE, _AUGMENT, _MASK = 0, 1, 2
 
 
-class _Augment:
-    """Record at stream position k -> its multi-crop views, RNG keyed by (seed, k)."""
+class _AugmentBatch:
+    """Records at stream positions k -> their multi-crop views, written straight into crop-major batch
+    arrays (rows 0..B-1 are crop 0 of every image), each record's RNG keyed by (seed, k).
+
+    Augmenting at batch time lets the images of a batch share one scratch workspace and write their
+    crops where the batch needs them: no per-crop arrays, no stacking copy."""
 
     def __init__(self, cfg: MultiCropConfig, seed: int):
         self.cfg, self.seed = cfg, seed
 
-    def __call__(self, position: int, record):
-        image = record["image"] if isinstance(record, dict) else record
-        rng = np.random.default_rng([self.seed, _AUGMENT, position])
-        views = multicrop3d if isinstance(self.cfg, MultiCrop3DConfig) else multicrop
-        return views(image, rng, self.cfg)
+    def __call__(self, items):
+        cfg, n = self.cfg, len(items)
+        images = [record["image"] if isinstance(record, dict) else record for _, record in items]
+        rngs = [np.random.default_rng([self.seed, _AUGMENT, position]) for position, _ in items]
+        if isinstance(cfg, MultiCrop3DConfig):
+            return _stack_crop_major([multicrop3d(image, rng, cfg) for image, rng in zip(images, rngs)], cfg)
+        c = output_channels(cfg, images[0])
+        glob = np.empty((cfg.n_global, n, cfg.global_size, cfg.global_size, c), np.float32)
+        local = np.empty((cfg.n_local, n, cfg.local_size, cfg.local_size, c), np.float32)
+        workspace = Workspace()
+        for b, (image, rng) in enumerate(zip(images, rngs)):
+            multicrop_into(image, rng, cfg, glob[:, b], local[:, b], workspace)
+        return {"global_crops": glob.reshape(-1, *glob.shape[2:]), "local_crops": local.reshape(-1, *local.shape[2:])}
 
 
-class _Collate:
-    """List of per-record views -> crop-major arrays (rows 0..B-1 are crop 0 of every image)."""
+def _with_position(position: int, record):
+    return position, record
 
-    def __init__(self, cfg: MultiCropConfig):
-        self.cfg = cfg
 
-    def __call__(self, samples):
-        cfg = self.cfg
-        glob = np.stack([s["global_crops"][i] for i in range(cfg.n_global) for s in samples])
-        if cfg.n_local:
-            local = np.stack([s["local_crops"][i] for i in range(cfg.n_local) for s in samples])
-        else:
-            local = np.zeros((0,) + (cfg.local_size,) * (glob.ndim - 2) + glob.shape[-1:], np.float32)
-        return {"global_crops": glob, "local_crops": local}
+def _stack_crop_major(views, cfg: MultiCropConfig) -> dict:
+    """Per-record views (lists of crops) -> crop-major arrays (rows 0..B-1 are crop 0 of every record)."""
+    glob = np.stack([v["global_crops"][i] for i in range(cfg.n_global) for v in views])
+    if cfg.n_local:
+        local = np.stack([v["local_crops"][i] for i in range(cfg.n_local) for v in views])
+    else:
+        local = np.zeros((0,) + (cfg.local_size,) * (glob.ndim - 2) + glob.shape[-1:], np.float32)
+    return {"global_crops": glob, "local_crops": local}
 
 
 class _AddMasks:
@@ -111,7 +121,7 @@ def make_pretrain_dataset(source, crop_cfg: MultiCropConfig, *, batch_size: int,
 
     shuffle_seed = int(np.random.SeedSequence([seed, _SHUFFLE]).generate_state(1)[0])
     ds = grain.MapDataset.source(source).shuffle(seed=shuffle_seed).repeat(num_epochs)
-    ds = ds.map_with_index(_Augment(crop_cfg, seed))  # index = position in the global stream
+    ds = ds.map_with_index(_with_position)  # position in the global stream
     if num_epochs is not None:
         per_step = process_count * batch_size
         usable = len(ds) // per_step * per_step
@@ -120,7 +130,7 @@ def make_pretrain_dataset(source, crop_cfg: MultiCropConfig, *, batch_size: int,
                              f"{process_count} processes; lower batch_size or raise num_epochs.")
         ds = ds[:usable]
     ds = ds[process_index::process_count]
-    ds = ds.batch(batch_size, drop_remainder=True, batch_fn=_Collate(crop_cfg))
+    ds = ds.batch(batch_size, drop_remainder=True, batch_fn=_AugmentBatch(crop_cfg, seed))
     grid = (side,) * (3 if isinstance(crop_cfg, MultiCrop3DConfig) else 2)
     ds = ds.map_with_index(_AddMasks(grid, n_images, mask_probability, mask_ratio, seed,
                                      process_index, process_count))

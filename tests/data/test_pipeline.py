@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 from absl import flags
 
-from medjax.data.augment import MultiCropConfig
+from medjax.data import pipeline
+from medjax.data.augment import MultiCropConfig, multicrop
 from tests.phantom import DemoSlices
 from medjax.data.masking import mask_upper_bound
 from medjax.data.pipeline import make_iterator, make_pretrain_dataset
@@ -68,6 +69,19 @@ def test_crop_major_order():
     np.testing.assert_array_equal(loc[:4], g[:4])
     np.testing.assert_array_equal(loc[4:], g[:4])
     assert len(set(g[:4])) == 4
+
+
+def test_batch_rows_are_each_records_multicrop_views(demo):
+    # Crops are written straight into the batch: row i * B + b must be crop i of record b's own views
+    # (its generator keyed by the seed and its stream position), for records of different content.
+    items = [(7, demo[0]), (3, demo[5]), (12, demo[9])]
+    batch = pipeline._AugmentBatch(CFG, seed=4)(items)
+    assert batch["global_crops"].shape == (2 * 3, 32, 32, 1) and batch["local_crops"].shape == (2 * 3, 16, 16, 1)
+    for b, (position, record) in enumerate(items):
+        want = multicrop(record["image"], np.random.default_rng([4, pipeline._AUGMENT, position]), CFG)
+        for key in ("global_crops", "local_crops"):
+            for i, crop in enumerate(want[key]):
+                np.testing.assert_array_equal(batch[key][i * 3 + b], crop)
 
 
 def test_deterministic_by_seed(demo):
