@@ -1,10 +1,13 @@
 """Multi-task: one backbone trained with a segmentation decoder and a classification head; variants: demo, smoke,
-and for 3D backbones (whole volumes, one label per volume) demo3d, smoke3d.
+demo_cxr (lungs and the 3-class diagnosis of the synthetic chest X-rays; films without a diagnosis train the
+lungs only), and for 3D backbones (whole volumes, one label per volume) demo3d, smoke3d.
 
     python -m medjax.main --config=configs/multitask.py:demo --workdir=runs/demo_multitask \
         --config.segment.checkpoint_dir=runs/demo
     python -m medjax.main --config=configs/multitask.py:demo3d --workdir=runs/demo3d_multitask \
         --config.segment.checkpoint_dir=runs/demo3d  # a configs/dinov2_reg_3d.py:demo run
+    python -m medjax.main --config=configs/multitask.py:demo_cxr --workdir=runs/demo_cxr_multitask \
+        --config.segment.checkpoint_dir=runs/demo_cxr  # a configs/dinov2_reg.py:demo_cxr run
 
 The segmentation recipe (segment.py) with the classification head switched on
 (config.segment.classification_weight > 0; the loss is dice_weight * Dice + ce_weight * CE

@@ -1,9 +1,12 @@
-"""Segmentation on frozen or fine-tuned backbone patch tokens (linear head, upsampling decoder); variants: demo,
-smoke, and for 3D backbones (whole volumes) demo3d, smoke3d. multitask.py is this recipe with a
-classification head beside the decoder.
+"""Segmentation on frozen or fine-tuned backbone patch tokens (linear head, upsampling decoder), beside a
+supervised U-Net trained from scratch (config.segment.baselines); variants: demo, demo_cxr (lungs on the
+synthetic chest X-rays), smoke, and for 3D backbones (whole volumes) demo3d, smoke3d. multitask.py is this
+recipe with a classification head beside the decoder.
 
     python -m medjax.main --config=configs/segment.py:demo --workdir=runs/demo_segment \
         --config.segment.checkpoint_dir=runs/demo
+    python -m medjax.main --config=configs/segment.py:demo_cxr --workdir=runs/demo_cxr_segment \
+        --config.segment.checkpoint_dir=runs/demo_cxr  # a configs/dinov2_reg.py:demo_cxr run
     python -m medjax.main --config=configs/segment.py:demo3d --workdir=runs/demo3d_segment \
         --config.segment.checkpoint_dir=runs/demo3d  # a configs/dinov2_reg_3d.py:demo run
 
@@ -24,7 +27,7 @@ from medjax.segment.validate import DEMO_MASK_CLASSES
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the shared pieces beside this file
 import config_lib  # noqa: E402
 
-VARIANTS = ("", "demo", "smoke", "demo3d", "smoke3d")
+VARIANTS = ("", "demo", "demo_cxr", "smoke", "demo3d", "smoke3d")
 
 
 def get_config(variant: str = "", *, multitask: bool = False, config_file: str = "configs/segment.py"):
@@ -47,9 +50,15 @@ def get_config(variant: str = "", *, multitask: bool = False, config_file: str =
     s.spatial_dims = 2
     # Data: a manifest whose rows have a mask_path; empty = the built-in demo dataset, whose masks are
     # demo_masks: "lesion" (background, lesion) or "tissue" (background, csf, grey_matter, white_matter,
-    # lesion: brain-tissue segmentation); class_names must then be those classes.
+    # lesion: brain-tissue segmentation) of the brain-MRI demo, or "lungs" (background, right_lung,
+    # left_lung) of the chest X-ray demo (config.data.demo_kind="cxr"); class_names must then be those classes.
     s.manifest = ""
-    s.demo_masks = "lesion"  # demo masks: lesion | tissue
+    s.demo_masks = "lesion"  # demo masks: lesion | tissue (demo_kind mri) | lungs (demo_kind cxr)
+    # A mask with no foreground at all (every pixel background) on a row that has a mask: "allow" (a slice
+    # or scan that does not show the structure, e.g. no lesion; whole 2D images with one are named in a
+    # warning) or "refuse" (the structure is always in view, e.g. lungs on a chest radiograph: such a mask
+    # is a failed or missing label; every such file is named, with its manifest line).
+    s.empty_masks = "allow"
     s.class_names = ("background", "lesion")  # mask label value i is class_names[i]; 0 is background
     s.image_size = 0  # model input (square); 0 = the pretraining run's global crop size
     # 3D model input (D, H, W) voxels at the target spacing, each a multiple of the patch size; () = the largest
@@ -78,8 +87,21 @@ def get_config(variant: str = "", *, multitask: bool = False, config_file: str =
     s.warmup_steps = 100  # steps of the linear lr warm-up
     s.weight_decay = 1e-4  # AdamW weight decay
     s.eval_every = 200  # steps between val evaluations (training curves)
-    # Augmentation (fine-tuned backbone only; frozen tokens are computed once, unaugmented).
-    s.flip_p = 0.5  # horizontal (left-right) flip of image and mask together
+    # Supervised baselines trained from scratch on the same training subsets, evaluated and reported beside
+    # the heads (2D only): "unet" = medjax.models.unet; () = none.
+    s.baselines = ("unet",)
+    s.unet_width = 64  # channels of the U-Net's first level, doubled at every level down (64: the classic size)
+    s.unet_depth = 4  # U-Net pooling steps (4: the classic five levels); inputs are padded to a multiple of 2**depth
+    # The U-Net's own AdamW (clipped at norm 1, warm-up then cosine decay); batch size, loss and augmentation
+    # are the heads'. Trained from nothing, it needs more steps than a head on fixed tokens.
+    s.unet_steps = 4000  # U-Net training steps per run
+    s.unet_lr = 1e-3  # U-Net peak learning rate
+    s.unet_weight_decay = 1e-4  # U-Net AdamW weight decay (conv kernels only)
+    s.unet_warmup_steps = 100  # steps of the U-Net's linear lr warm-up
+    # Augmentation (fine-tuned backbone and U-Net only; frozen tokens are computed once, unaugmented).
+    # Horizontal (left-right) flip of image and mask together; refused with sided classes (a class name holding
+    # "left" or "right"): a flipped right lung would be taught as the left one.
+    s.flip_p = 0.5
     s.crop_scale = (0.6, 1.0)  # random resized crop area (3D: volume) range of image and mask (nearest); (1, 1) = off
     # Metrics: Dice per class, background excluded. Ground truth and prediction both empty:
     # "nan" = the case is left out of the mean (MONAI), "one" = it counts as a perfect 1.0.
@@ -94,6 +116,7 @@ def get_config(variant: str = "", *, multitask: bool = False, config_file: str =
     if multitask:
         s.classification_weight = 0.5
         s.backbone_lr_mult = 0.1  # one backbone shared by both heads only when it is trained
+        s.baselines = ()  # the comparison is between inits of the shared backbone; the U-Net has no classifier
     if variant in ("demo", "demo3d"):
         # Brain tissue: the demo's lesions are a few pixels, smaller than a patch, and a CPU-length
         # pretraining does not learn them (BUILD_NOTES), while tissue depends on the contrast it learns.
@@ -106,6 +129,9 @@ def get_config(variant: str = "", *, multitask: bool = False, config_file: str =
         s.decoder_channels = (32, 16, 8)
         s.batch_size = 16
         _demo_schedule(s, multitask, warmup_steps=20, fraction_seeds=(0, 1))
+        _demo_unet(s)
+    elif variant == "demo_cxr":
+        _demo_cxr(c, multitask)
     elif variant == "smoke":
         s.heads = ("decoder",) if multitask else ("linear", "decoder")
         s.decoder_channels = (16, 8)
@@ -116,6 +142,7 @@ def get_config(variant: str = "", *, multitask: bool = False, config_file: str =
         s.eval_batch = 32
         s.overlay_cases = 2
         s.label_fractions = (1.0,) if multitask else (0.5, 1.0)
+        s.unet_width, s.unet_depth, s.unet_steps, s.unet_warmup_steps = 4, 2, 6, 2
         config_lib.use_smoke_data(c.data)
     elif variant == "demo3d":
         _volumes(c, variant)
@@ -156,9 +183,42 @@ def _demo_schedule(s, multitask: bool, *, warmup_steps: int, fraction_seeds: tup
         s.fraction_seeds = fraction_seeds
 
 
+def _demo_unet(s) -> None:
+    """The demo variants' U-Net: the classic five levels at a quarter of the classic width (16 channels first,
+    1.9 M parameters), trained from scratch for as many steps as the heads, at a lower peak lr."""
+    s.unet_width, s.unet_depth = 16, 4
+    s.unet_steps, s.unet_warmup_steps, s.unet_lr = s.steps, s.warmup_steps, 2e-3
+
+
+def _demo_cxr(c, multitask: bool) -> None:
+    """Lung segmentation on the synthetic chest X-ray demo (python -m medjax.data.demo OUT --kind=cxr): right
+    and left lung at each film's own 128 px grid, HD95 in mm from the manifest's pixel_spacing, the heads of a
+    configs/dinov2_reg.py:demo_cxr run (its 112 px input) against random init and the U-Net. Multi-task adds
+    the 3-class diagnosis (normal / pneumonia / covid)."""
+    s = c.segment
+    config_lib.use_demo_cxr_data(c.data)
+    s.demo_masks = "lungs"
+    s.class_names = DEMO_MASK_CLASSES["lungs"]
+    s.empty_masks = "refuse"  # lungs are in view on every PA film: an empty lung mask is a failed label
+    s.flip_p = 0.0  # lungs have sides: a flipped film would teach the right lung as the left one
+    s.decoder_channels = (32, 16, 8)
+    s.batch_size = 16
+    s.eval_batch = 32
+    if multitask:
+        s.label_column = "diagnosis"
+        s.steps, s.lr, s.warmup_steps, s.eval_every = 150, 1e-3, 15, 50
+        return
+    s.heads = ("linear", "decoder")
+    s.steps, s.lr, s.warmup_steps, s.eval_every = 300, 3e-3, 20, 100
+    s.label_fractions = (0.25, 1.0)
+    s.fraction_seeds = (0,)
+    _demo_unet(s)
+
+
 def _volumes(c, variant: str) -> None:
     """3D: the data of the 3D pretraining variant the backbone comes from (configs/dinov2_reg_3d.py)."""
     c.segment.spatial_dims = 3
+    c.segment.baselines = ()  # the U-Net baseline is 2D
     if variant == "demo3d":  # the :demo run's 40 patients (16 x 75 x 75 voxels at 3 mm)
         config_lib.use_demo_data(c.data)
     else:  # the 2D :smoke segmentation's 12 patients (8 x 37 x 37 voxels at 6 mm): one demo folder for both

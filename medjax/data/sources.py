@@ -58,12 +58,11 @@ def check_cxr_demo_labels(config) -> None:
         return
     labels = f"{CXR_EXAMPLE_LABELS} (multi-label) or diagnosis ({' / '.join(DIAGNOSES)})"
     where = "the chest X-ray demo (config.data.demo_kind='cxr') has no lesion column"
-    if "segment" in config and not config.segment.manifest:
-        raise ValueError(f"config.segment.manifest is empty, which means the brain-MRI demo's {config.segment.demo_masks} "
-                         "masks; for the chest X-ray demo's lung masks set config.segment.manifest to its manifest.csv "
-                         "(WORKDIR/demo_data/manifest.csv, written by any job with config.data.demo_kind='cxr', or "
-                         "python -m medjax.data.demo OUT --kind=cxr) and config.segment.class_names="
-                         "('background','right_lung','left_lung').")
+    if "segment" in config and not config.segment.manifest and config.segment.demo_masks != "lungs":
+        raise ValueError(f"config.segment.manifest is empty and config.segment.demo_masks={config.segment.demo_masks!r} "
+                         "names the brain-MRI demo's masks; for the chest X-ray demo's lung masks set "
+                         "config.segment.demo_masks='lungs' and config.segment.class_names="
+                         "('background','right_lung','left_lung') (configs/segment.py:demo_cxr does).")
     if "finetune" in config and not config.finetune.targets:
         raise ValueError(f"config.finetune.targets is empty and {where}; name its columns, e.g. "
                          f"--config.finetune.targets='(\"diagnosis\",)', from {labels}.")

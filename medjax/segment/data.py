@@ -11,8 +11,14 @@ it with nearest neighbour when ``config.data.mask_resample`` is set and refused
 otherwise, and mask values are mapped by ``config.data.mask_values``, both by the
 slice index (``medjax.data.slices``); here, a label value that ``config.segment.class_names`` does not name, a row
 without a mask and a class no training mask contains are refused, each in one
-sentence. An empty mask is valid: the scan does not show the structure, and
-the metrics apply their stated empty rule to it.
+sentence. An empty mask (every value background) is valid by default
+(``config.segment.empty_masks="allow"``): a slice or scan that does not show the structure (a brain
+without a lesion on that slice), and the metrics apply their stated empty rule to it; a whole 2D
+image (a manifest row with one slice, e.g. a radiograph) with an empty mask is named in a warning,
+since a structure that is always in view is more often a failed label. With ``"refuse"`` (lungs on
+chest films) every row whose mask shows no foreground on any of its slices is refused, all named
+in one sentence with their manifest lines. Validation and test images must all carry a pixel spacing
+or all lack one (HD95 in mm or in pixels, never a mean of both).
 """
 
 from __future__ import annotations
@@ -173,7 +179,8 @@ def describe(config, src: ManifestSource, train_masks, unit: str, assumed) -> di
     else:
         cls_names = []
     shown = "slice" if s.spatial_dims == 2 else "volume"
-    task = (f"demo brain MRI, {s.demo_masks} masks" if src.demo else f"masks of {src.path}") + (
+    demo = "demo chest X-ray, lung masks" if s.demo_masks == "lungs" else f"demo brain MRI, {s.demo_masks} masks"
+    task = (demo if src.demo else f"masks of {src.path}") + (
         "; classification: " + (f"lesion class shown on the {shown} (none when it does not show)" if src.demo_rule
                                 else f"column {src.column!r}") if classify else "")
     return {"manifest": os.path.abspath(src.path), "task": task, "classification_classes": cls_names,
@@ -184,13 +191,55 @@ def load_data(config, workdir: str, run_dir: str, *, size: int, mean: float, std
     """``({split: SegSplit}, info)``; info holds the task, the classification classes and the spacing source."""
     src = read_manifest(config, workdir, run_dir, say)
     names = tuple(config.segment.class_names)
-    splits, assumed = {}, set()
+    splits, assumed, empty = {}, set(), []
     for split in SPLITS:
         splits[split] = _load_split(config, src.path, split, src.label_columns, src.extra, src.row_of, names, size,
                                     mean, std, demo_rule=src.demo_rule, with_spacing=split != "train",
                                     assumed=assumed)
+        empty += empty_mask_rows(splits[split], src.row_of)
+    check_empty_masks(config, empty, src.path, say)
+    measured = len(set(splits["val"].volumes.tolist()) | set(splits["test"].volumes.tolist()))
+    if assumed and len(assumed) < measured and not config.segment.assumed_spacing_mm:
+        raise ValueError(f"{len(assumed)} of the {measured} val and test images of {src.path} carry no pixel spacing "
+                         f"(e.g. {sorted(assumed)[0]}) while the others do, so HD95 would average millimetres with "
+                         "pixels; give their rows a pixel_spacing (row,col mm) or set config.segment.assumed_spacing_mm.")
     unit = "px" if assumed and not config.segment.assumed_spacing_mm else "mm"
     return splits, describe(config, src, splits["train"].masks, unit, assumed)
+
+
+def empty_mask_rows(split, row_of: dict) -> list[tuple]:
+    """(manifest row, whether it is a whole 2D image) of each row whose mask shows no foreground on any of
+    its slices in ``split``."""
+    out = []
+    for source in dict.fromkeys(split.volumes.tolist()):
+        idx = np.flatnonzero(split.volumes == source)
+        if not any(split.native[i].any() for i in idx):
+            out.append((row_of[source], len(idx) == 1))
+    return out
+
+
+def check_empty_masks(config, empty: list, manifest: str, say=console.say) -> None:
+    """``config.segment.empty_masks``: refuse every empty mask in one sentence, or allow them (whole 2D images
+    named in a warning, slices of volumes counted)."""
+    if not empty:
+        return
+    names = " or ".join(config.segment.class_names[1:])
+    listed = ", ".join(f"{row.mask_path} (line {row.line})" for row, _ in empty)
+    if config.segment.empty_masks == "refuse":
+        raise ValueError(f"The mask(s) {listed} of {manifest} show no {names} at all (every pixel background) although "
+                         "config.segment.empty_masks='refuse' says the structure is always in view; redraw or fix these "
+                         "masks (or remove their rows), or set config.segment.empty_masks='allow' if they are right.")
+    whole = [(row, w) for row, w in empty if w]
+    if whole:
+        shown = ", ".join(f"{row.mask_path} (line {row.line})" for row, _ in whole[:10])
+        more = f" and {len(whole) - 10} more" if len(whole) > 10 else ""
+        console.warn(f"{len(whole)} whole 2D image(s) of {manifest} have a mask with no {names} at all: {shown}{more}; "
+                     "they count as images without the structure (config.segment.empty_masks='allow'); if the "
+                     "structure is always in view (e.g. lungs on a radiograph), these are failed labels: fix them or "
+                     "set config.segment.empty_masks='refuse'.")
+    if len(whole) < len(empty):
+        say(f"{len(empty) - len(whole)} volume(s) of {manifest} have masks with no {names} on any slice (cases "
+            "without the structure).")
 
 
 def _load_split(config, manifest, split, label_columns, extra, row_of, names, size, mean, std, *, demo_rule,
@@ -222,9 +271,14 @@ def _load_split(config, manifest, split, label_columns, extra, row_of, names, si
     if not out["masks"]:
         raise ValueError(f"The {split} split of {manifest} has no slices; segmentation needs train, val and test "
                          "patients.")
-    if label_columns and min(out["labels"]) < 0:
-        raise ValueError(f"Some {split} rows of {manifest} have no {label_columns[0]!r} label; the multi-task "
-                         "classification head needs one on every row.")
+    unlabelled = sum(v < 0 for v in out["labels"]) if label_columns else 0
+    if unlabelled == len(out["labels"]):
+        raise ValueError(f"No {split} row of {manifest} has a {label_columns[0]!r} class; the multi-task "
+                         "classification head needs labelled rows in train, val and test.")
+    if unlabelled:  # an empty (or uncertain) cell: the row trains and scores the segmentation only
+        console.say(f"{unlabelled} of the {len(out['labels'])} {split} slices of {manifest} have no "
+                    f"{label_columns[0]!r} class (empty or uncertain cell): segmentation only, left out of the "
+                    "classification loss and scores.")
     return SegSplit(np.stack(out["images"])[..., None], np.stack(out["masks"]), out["native"],
                     np.asarray(out["spacing"], np.float64), np.asarray(out["slice_spacing"], np.float64),
                     np.asarray(out["patients"]), np.asarray(out["volumes"]), np.asarray(out["slice_index"]),

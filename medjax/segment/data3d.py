@@ -36,7 +36,7 @@ from medjax.readers import read_image
 from medjax.data.label_maps import fit_mask
 from medjax.data.slices import VolumeIndex
 from medjax.data.sources import axial_dhw, index_options
-from medjax.segment.data import SPLITS, check_label_values, describe, native_grid, read_manifest
+from medjax.segment.data import SPLITS, check_empty_masks, check_label_values, describe, native_grid, read_manifest
 
 _RAS_OF_DHW = (2, 1, 0)  # D runs along z, H along y, W along x
 _FLIPPED = (False, True, True)  # axial_dhw reverses x and y
@@ -124,6 +124,8 @@ def load_volumes(config, workdir: str, run_dir: str, run_data, *, patch: int, me
                             skip_bad=config.data.skip_bad, target_spacing=target, cache_volumes=len(rows),
                             **options)
         loaded[split] = [_one_volume(config, index[i], src, names, target, assumed) for i in range(len(index))]
+    empty = [(src.row_of[v["volume"]], False) for vs in loaded.values() for v in vs if not v["native"].any()]
+    check_empty_masks(config, empty, src.path, say)
     shape = input_shape([v["image"].shape for vs in loaded.values() for v in vs], patch, s.volume_shape)
     splits = {split: _stack(vols, shape, mean, std, src) for split, vols in loaded.items()}
     info = describe(config, src, splits["train"].masks, "voxels" if assumed else "mm", assumed)
@@ -167,9 +169,13 @@ def _stack(vols: list, shape: tuple, mean: float, std: float, src) -> VolSplit:
         if src.demo_rule:  # the demo's lesion class where the volume shows the lesion, else none
             label = label if v["native"].any() else 0
         labels.append(label)
-    if src.label_columns and min(labels) < 0:
-        raise ValueError(f"Some rows of {src.path} have no {src.label_columns[0]!r} label; the multi-task "
-                         "classification head needs one on every row.")
+    unlabelled = sum(v < 0 for v in labels) if src.label_columns else 0
+    if unlabelled == len(labels):
+        raise ValueError(f"No row of one split of {src.path} has a {src.label_columns[0]!r} class; the multi-task "
+                         "classification head needs labelled rows in train, val and test.")
+    if unlabelled:  # an empty (or uncertain) cell: the volume trains and scores the segmentation only
+        console.say(f"{unlabelled} of {len(labels)} volumes of {src.path} have no {src.label_columns[0]!r} class: "
+                    "segmentation only, left out of the classification loss and scores.")
     return VolSplit(np.stack(images).astype(np.float32)[..., None], np.stack(masks).astype(np.uint8),
                     [v["native"] for v in vols], np.asarray([v["spacing"] for v in vols], np.float64),
                     np.stack(to_input), [v["affine"] for v in vols], np.asarray([v["patient"] for v in vols]),

@@ -39,9 +39,14 @@ def padded_batches(split, feats: dict | None, batch: int):
 def predict(spec, params, stats, split, feats: dict | None, batch: int) -> tuple[list, np.ndarray | None]:
     """(labels on each slice's own grid, class probabilities (N, K) or None) for every slice of ``split``."""
     fn = model.predict_fn(spec)
+    return predict_with(lambda part: fn(params, stats, part), split, feats, batch)
+
+
+def predict_with(fn, split, feats: dict | None, batch: int) -> tuple[list, np.ndarray | None]:
+    """``predict`` for any model: ``fn(inputs) -> (seg logits at the input size, class probabilities or None)``."""
     native, probs = [], []
     for i, j, part in padded_batches(split, feats, batch):
-        seg, cls = fn(params, stats, part)
+        seg, cls = fn(part)
         seg = seg[: j - i]
         if cls is not None:
             probs.append(np.asarray(cls[: j - i]))
@@ -57,9 +62,14 @@ def predict(spec, params, stats, split, feats: dict | None, batch: int) -> tuple
 def input_size_dice(spec, params, stats, split, feats, batch: int, num_classes: int) -> float:
     """Mean foreground Dice per slice at the model input size (both-empty slices left out): for curves."""
     fn = model.predict_fn(spec)
+    return input_size_dice_with(lambda part: fn(params, stats, part), split, feats, batch, num_classes)
+
+
+def input_size_dice_with(fn, split, feats, batch: int, num_classes: int) -> float:
+    """``input_size_dice`` for any model (``fn`` as in ``predict_with``)."""
     values = []
     for i, j, part in padded_batches(split, feats, batch):
-        pred = np.asarray(fn(params, stats, part)[0][: j - i]).argmax(-1)
+        pred = np.asarray(fn(part)[0][: j - i]).argmax(-1)
         values += [metrics.dice_per_class(p, g, num_classes) for p, g in zip(pred, split.masks[i:j])]
     values = np.asarray(values)
     return float(np.nanmean(values)) if np.isfinite(values).any() else float("nan")

@@ -41,7 +41,7 @@ def markdown(results: dict) -> str:
     head += [f"val Dice {n} / patient" for n in names]
     head += [f"HD95 {n} / patient ({unit})" for n in names] + [f"empty GT with prediction ({n})" for n in names]
     head += ["accuracy", "bal. accuracy"] if multitask else []
-    head += ["minutes"]
+    head += ["trainable params", "min / epoch", "minutes"]
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in results["runs"]:
         t = r["test"]
@@ -57,9 +57,10 @@ def markdown(results: dict) -> str:
         if multitask:
             c = r.get("classification") or {}
             cells += [f"{c['accuracy']:.3f}" if c else "-", f"{c['balanced_accuracy']:.3f}" if c else "-"]
-        cells.append(f"{r['minutes']:.1f}")
+        speed = r["minutes_per_epoch"]
+        cells += [f"{r['trainable_parameters']:,}", f"{speed:.3g}" if np.isfinite(speed) else "-", f"{r['minutes']:.1f}"]
         rows.append("| " + " | ".join(cells) + " |")
-    text = "\n".join(rows) + "\n"
+    text = "\n".join(rows) + "\n\n" + _column_notes(results) + "\n"
     if any(g["runs"] > 1 for g in results["summary"]):
         head = ["init", "head", "fraction", "runs"] + [f"Dice {n} / patient, mean over runs" for n in names]
         head += [f"val Dice {n} / patient" for n in names]
@@ -74,6 +75,19 @@ def markdown(results: dict) -> str:
                 cells.append(_pm(a["mean"], a["std"]) if a else "-")
             rows.append("| " + " | ".join(cells) + " |")
         text += "\nMean ± standard deviation over the runs (seeds) of each fraction:\n\n" + "\n".join(rows) + "\n"
+    return text
+
+
+def _column_notes(results: dict) -> str:
+    """What the speed, size and distance columns mean."""
+    text = ("min / epoch: wall time of the training steps per pass over the run's training images, the first "
+            "step (compilation) and the val evaluations left out; frozen heads train on tokens computed once "
+            "per init (token_minutes in results.json). minutes: the whole run, evaluation and saving included. "
+            "trainable params: what the run's optimiser updates (heads only for a frozen backbone).")
+    if results["hd95_unit"] == "px":
+        text += (f" HD95 is in PIXELS, not mm: {len(results['spacing_assumed_for'])} image(s) carry no pixel "
+                 "spacing (e.g. PNG); give the manifest a pixel_spacing column or set "
+                 "config.segment.assumed_spacing_mm.")
     return text
 
 

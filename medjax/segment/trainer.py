@@ -22,6 +22,9 @@ once per init and split, unaugmented, and only the head trains on them; a fine-t
 backbone (decoder with ``backbone_lr_mult > 0``) runs on augmented batches (random
 resized crop and flip of image and mask together). With ``classification_weight > 0``
 a classification head on concat(CLS, mean patch token) trains jointly (multi-task).
+``config.segment.baselines`` adds supervised models trained from scratch on the same subsets
+(``unet_baseline``), reported in the same table; every run records its trainable parameters and
+its minutes per epoch (training steps only: ``step_clock``).
 
 Outputs in the workdir: results.json (every figure, the rules used, the checkpoint
 record), results.md (the table), overlays_<init>_<head>.png and predictions/ (a few
@@ -42,13 +45,15 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from medjax import console, metrics, runs
+from medjax import console, runs
 from medjax.batching import map_batched
-from medjax.checkpoint import Checkpointer, content_hash, tree_fingerprint
+from medjax.checkpoint import content_hash
 from medjax.data.fractions import summarise
+from medjax.models.unet import parameter_count
 from medjax.models.vit import VisionTransformer
-from medjax.segment import data3d, evaluate2d, evaluate3d, model, report
+from medjax.segment import data3d, evaluate2d, evaluate3d, model, outcome, report, unet_baseline
 from medjax.segment.data import augment, few_label_indices, load_data
+from medjax.segment.step_clock import StepClock
 from medjax.segment.validate import validate
 
 
@@ -133,7 +138,8 @@ def _stats(feats: dict | None, patch_dim: int, pooled_dim: int, labels: np.ndarr
     """Fixed (untrained) inputs of the heads: per-channel standardisation of frozen tokens (the training
     subset's mean and std; identity for a fine-tuned backbone) and the classification class weights
     (n / (classes present * n_c), 0 for a class absent from the subset)."""
-    counts = np.bincount(np.maximum(labels, 0), minlength=max(num_cls, 1))[: max(num_cls, 1)].astype(np.float64)
+    labelled = labels[labels >= 0]  # rows without a class (multi-task) train the segmentation only
+    counts = np.bincount(labelled, minlength=max(num_cls, 1))[: max(num_cls, 1)].astype(np.float64)
     present = max(int((counts > 0).sum()), 1)
     weights = np.where(counts > 0, counts.sum() / (present * np.maximum(counts, 1)), 0.0)
     out = {"cls_weights": jnp.asarray(weights, jnp.float32)}
@@ -146,13 +152,6 @@ def _stats(feats: dict | None, patch_dim: int, pooled_dim: int, labels: np.ndarr
             "pooled_std": jnp.asarray(feats["pooled"].std(0) + 1e-6)}
 
 
-def _log_prior(labels: np.ndarray, num_classes: int) -> jax.Array:
-    """Classifier bias = log class frequency in the training labels, so training starts from the prior
-    (a lesion covering 0.2 % of the pixels would otherwise take thousands of Adam steps to reach)."""
-    freq = np.bincount(np.asarray(labels).ravel(), minlength=num_classes)[:num_classes] / np.asarray(labels).size
-    return jnp.asarray(np.log(np.maximum(freq, 1e-4)), jnp.float32)
-
-
 def _init_params(spec, train, backbone_params, seed: int, num_cls: int) -> dict:
     """Head (and classification head) params, classifier biases at the log class prior; plus a copy of the
     backbone when it is fine-tuned (the train step donates its params)."""
@@ -162,10 +161,10 @@ def _init_params(spec, train, backbone_params, seed: int, num_cls: int) -> dict:
     grid = tuple(n // spec.backbone.patch_size for n in train.images.shape[1:-1])
     dummy_patch = jnp.zeros((1, *grid, spec.n_last_blocks * d))
     params = {"head": model.init_fn(spec.head)(key_head, dummy_patch, jnp.asarray(train.images[:1]))["params"]}
-    params["head"]["classifier"]["bias"] = _log_prior(train.masks, spec.num_classes)
+    params["head"]["classifier"]["bias"] = model.log_prior(train.masks, spec.num_classes)
     if spec.cls_head is not None:
         params["cls_head"] = model.init_fn(spec.cls_head)(key_cls, jnp.zeros((1, 2 * d)))["params"]
-        params["cls_head"]["classifier"]["bias"] = _log_prior(train.labels, num_cls)
+        params["cls_head"]["classifier"]["bias"] = model.log_prior(train.labels[train.labels >= 0], num_cls)
     if not spec.frozen:
         params["backbone"] = jax.tree.map(jnp.array, backbone_params)
     return params
@@ -176,7 +175,7 @@ def _batches(spec, train, train_feats, s, rng: np.random.Generator):
     gathered on the device from the cached tokens; fine-tuned: augmented on the host (slices or volumes)."""
     n = len(train)
     batch = min(s.batch_size, n)
-    labels = np.maximum(train.labels, 0).astype(np.int32)
+    labels = train.labels.astype(np.int32)  # < 0: no class (left out of the classification loss)
     augment_fn = data3d.augment if train.images.ndim == 5 else augment
     if spec.frozen:
         device = {"images": jnp.asarray(train.images), "masks": jnp.asarray(train.masks, jnp.int32),
@@ -200,7 +199,8 @@ def _batches(spec, train, train_feats, s, rng: np.random.Generator):
 
 
 def train_one(spec, opt, backbone_params, train, train_feats, val, val_feats, s, seed: int, num_cls: int, say):
-    """Trains one model for ``s.steps`` steps; returns (params, stats, history of train loss and val Dice)."""
+    """Trains one model for ``s.steps`` steps; returns (params, stats, history of train loss and val Dice,
+    the ``StepClock`` of its training steps)."""
     d = spec.backbone.embed_dim
     stats = _stats(train_feats, spec.n_last_blocks * d, 2 * d, train.labels, num_cls)
     params = _init_params(spec, train, backbone_params, seed, num_cls)
@@ -212,11 +212,13 @@ def train_one(spec, opt, backbone_params, train, train_feats, val, val_feats, s,
     opt_state = jax.device_put(opt_init(params), device)
     key_steps = jax.random.PRNGKey(seed)  # drop path while fine-tuning
     batches = _batches(spec, train, train_feats, s, np.random.default_rng([seed, 0x5E6]))
-    history, losses = [], []
+    history, losses, clock = [], [], StepClock()
     for step in range(s.steps):
         params, opt_state, parts = step_fn(params, opt_state, stats, next(batches), jax.random.fold_in(key_steps, step))
         losses.append(parts["loss"])
+        clock.stepped(step, parts["loss"])
         if (step + 1) % s.eval_every == 0 or step + 1 == s.steps:
+            clock.pause(params)
             loss = float(np.mean(jax.device_get(losses)))
             if not np.isfinite(loss):
                 raise ValueError(f"The training loss became {loss} at step {step + 1}; lower config.segment.lr.")
@@ -224,7 +226,8 @@ def train_one(spec, opt, backbone_params, train, train_feats, val, val_feats, s,
             history.append({"step": step + 1, "train_loss": loss, "val_dice": dice})
             say(f"    step {step + 1}/{s.steps}: loss {loss:.4f}, val Dice {dice:.3f}")
             losses = []
-    return params, stats, history
+            clock.resume()
+    return params, stats, history, clock
 
 
 def run(config, workdir: str) -> dict:
@@ -258,15 +261,18 @@ def run(config, workdir: str) -> dict:
                "spacing_assumed_for": info["spacing_assumed_for"], "manifest": info["manifest"],
                "spatial_dims": s.spatial_dims, "input_size": size,
                "run_dir": os.path.abspath(loaded.run_dir) if loaded.run_dir else "",
-               "config": json.loads(config.to_json_best_effort()), "inits": {}, "runs": []}
+               "config": json.loads(config.to_json_best_effort()), "inits": {}, "baselines": {}, "runs": []}
     for init, (params, record) in loaded.inits.items():
-        results["inits"][init] = record
+        results["inits"][init] = dict(record)
         feats = None
         for head in s.heads:
             frozen = head == "linear" or s.backbone_lr_mult == 0
             if frozen and feats is None:
                 console.say(f"{init}: computing the frozen backbone's tokens of {sum(map(len, splits.values()))} {unit} ...")
+                start = time.perf_counter()
                 feats = embed_splits(backbone, params, splits, s.n_last_blocks, s.eval_batch)
+                # Once per init, shared by its frozen heads (whose minutes per epoch are on these tokens).
+                results["inits"][init]["token_minutes"] = (time.perf_counter() - start) / 60
             spec = model.SegSpec(backbone, model.build_head(head, len(names), s.decoder_channels, s.image_skip),
                               model.ClassifierHead(len(cls_names)) if s.classification_weight > 0 else None,
                               s.n_last_blocks, len(names), s.dice_weight, s.ce_weight, s.classification_weight, frozen)
@@ -277,13 +283,18 @@ def run(config, workdir: str) -> dict:
                                  splits=splits, feats=feats, s=s, cls_names=cls_names, workdir=workdir, record=record,
                                  overlays=fraction == max(s.label_fractions) and seed == s.fraction_seeds[0])
                     results["runs"].append(r)
+    for name in s.baselines:  # supervised models trained from scratch on the same subsets
+        results["baselines"][name] = unet_baseline.describe(s, len(names), splits["train"].images.shape[1:])
+        results["runs"] += unet_baseline.run_all(s, splits, workdir, cls_names)
     results["summary"] = _summary(results["runs"], names)
     with open(os.path.join(workdir, "results.json"), "w") as f:
         json.dump(results, f, indent=1)
     table = report.markdown(results)
     with open(os.path.join(workdir, "results.md"), "w") as f:
         f.write(f"# Segmentation{' and classification' if cls_names else ''}\n\nTask: {info['task']}. Input "
-                f"{where}; {s.steps} steps per run; metrics on the test split at each scan's own resolution. "
+                f"{where}; {s.steps} steps per ViT head run"
+                + (f", {s.unet_steps} per U-Net run (from scratch; settings in results.json)" if s.baselines else "")
+                + "; metrics on the test split at each scan's own resolution. "
                 f"{RULES[s.empty_rule]}\n\n{table}")
     report.plot_curves(results, os.path.join(workdir, "training_curves.png"))
     if len(s.label_fractions) > 1:
@@ -305,7 +316,7 @@ def _one_run(spec, opt, *, params, init: str, head: str, fraction: float, seed: 
     start = time.perf_counter()
     classify = spec.cls_head is not None
     three_d = spec.backbone.spatial_dims == 3
-    ev, unit = (evaluate3d, "volumes") if three_d else (evaluate2d, "slices")  # the same predict / evaluate calls
+    ev, unit = (evaluate3d, "volumes") if three_d else (evaluate2d, "slices")  # the same predict calls
     idx = few_label_indices(splits["train"], fraction, seed, classify)
     train = splits["train"].subset(idx)
     patients = len(set(train.patients.tolist()))
@@ -313,42 +324,24 @@ def _one_run(spec, opt, *, params, init: str, head: str, fraction: float, seed: 
     console.say(f"{init} / {head} ({mode} backbone), fraction {fraction:g}, seed {seed}: {patients} patients, "
           f"{len(train)} {unit}")
     train_feats = {k: v[idx] for k, v in feats["train"].items()} if spec.frozen else None
-    val_feats, test_feats = (feats["val"], feats["test"]) if spec.frozen else (None, None)
-    trained, stats, history = train_one(spec, opt, params, train, train_feats, splits["val"], val_feats, s, seed,
-                                        len(cls_names), say=console.say)
-    test = splits["test"]
-    native, probs = ev.predict(spec, trained, stats, test, test_feats, s.eval_batch)
-    names = [str(n) for n in s.class_names]
-    levels = ev.evaluate(native, test, len(names), s.empty_rule)
+    val_feats = feats["val"] if spec.frozen else None
+    trained, stats, history, clock = train_one(spec, opt, params, train, train_feats, splits["val"], val_feats, s,
+                                               seed, len(cls_names), say=console.say)
+
+    def predict(split: str):
+        return ev.predict(spec, trained, stats, splits[split], feats[split] if spec.frozen else None, s.eval_batch)
+
+    meta = {"init": record, "head": head, "backbone": mode, "fraction": fraction, "seed": seed, "steps": s.steps}
     result = {"init": init, "head": head, "backbone": mode, "fraction": fraction, "seed": seed,
               "train_patients": patients, f"train_{unit}": len(train), "steps": s.steps,
-              "test": evaluate2d.summarise(levels, names), "per_case": evaluate2d.per_case_table(levels, names), "history": history}
-    # Val at the scans' resolution too: more patients than test on small datasets (never used to select).
-    val_native, _ = ev.predict(spec, trained, stats, splits["val"], val_feats, s.eval_batch)
-    result["val"] = evaluate2d.summarise(ev.evaluate(val_native, splits["val"], len(names), s.empty_rule), names)
-    if classify:
-        pred = probs.argmax(-1)
-        result["classification"] = metrics.classification_report(test.labels, pred, probs, cls_names)
-    name = f"{init}_{head}_f{fraction:g}_s{seed}"
-    state = {"params": trained, "stats": stats}
-    ckpt = Checkpointer(os.path.join(workdir, "models", name), async_save=False)
-    ckpt.save(s.steps, state, None, {"fingerprint": tree_fingerprint(state), "init": record,
-                                     "head": head, "backbone": mode, "fraction": fraction, "seed": seed})
-    ckpt.close()
-    if overlays and three_d:
-        evaluate3d.save_outputs(workdir, f"{init}_{head}", test, native, s.overlay_cases, names, f"{init} / {head}, test")
-    elif overlays:
-        cases = report.pick_cases(test, s.overlay_cases, score=np.nan_to_num(levels["slice"]["dice"], nan=-1.0).max(axis=1))
-        slice_dice = {c: levels["slice"]["dice"][c] for c in cases}
-        report.save_overlays(os.path.join(workdir, f"overlays_{init}_{head}.png"), test, native, cases, names,
-                         f"{init} / {head}, test", dice_of=slice_dice.get)
-        report.save_predictions(os.path.join(workdir, "predictions", f"{init}_{head}"), test, native, cases, len(names))
+              "trainable_parameters": parameter_count(trained), "history": history}
+    result.update(outcome.evaluate_and_save(
+        predict, splits, s, three_d=three_d, workdir=workdir, run_name=f"{init}_{head}_f{fraction:g}_s{seed}",
+        model_name=f"{init}_{head}", title=f"{init} / {head}", state={"params": trained, "stats": stats}, meta=meta,
+        cls_names=cls_names, overlays=overlays))
     result["minutes"] = (time.perf_counter() - start) / 60
-    t = result["test"]["patient"]["classes"]
-    console.say("  test Dice per patient: " + ", ".join(f"{n} {v['dice_mean']:.3f} ± {v['dice_std']:.3f}"
-                                                   for n, v in t.items())
-          + (f"; accuracy {result['classification']['accuracy']:.3f}" if classify else "")
-          + f" ({result['minutes']:.1f} min)")
+    result["minutes_per_epoch"] = clock.minutes_per_epoch(min(s.batch_size, len(train)), len(train))
+    outcome.say_result(result, console.say)
     return result
 
 

@@ -3,12 +3,21 @@
 from __future__ import annotations
 
 from medjax.data.demo import TISSUE_CLASSES
+from medjax.data.demo_cxr import LUNG_CLASSES
 from medjax.data.job_manifest import data_folds
 from medjax.data.sources import index_options
 
 HEADS = ("linear", "decoder")
-DEMO_MASK_CLASSES = {"lesion": ("background", "lesion"), "tissue": TISSUE_CLASSES}
+BASELINES = ("unet",)
+DEMO_MASK_CLASSES = {"lesion": ("background", "lesion"), "tissue": TISSUE_CLASSES, "lungs": LUNG_CLASSES}
+DEMO_KIND_MASKS = {"mri": ("lesion", "tissue"), "cxr": ("lungs",)}  # config.data.demo_kind -> its demo_masks
 EMPTY_RULES = ("nan", "one")
+EMPTY_MASKS = ("allow", "refuse")
+
+
+def sided(class_names) -> list[str]:
+    """Class names that hold a body side ("left"/"right"): a left-right flip would swap what they mean."""
+    return [n for n in class_names if "left" in str(n).lower() or "right" in str(n).lower()]
 
 
 def validate(config) -> None:
@@ -25,7 +34,12 @@ def validate(config) -> None:
     if s.official_kind not in ("dinov2", "mae"):
         raise ValueError(f"config.segment.official_kind={s.official_kind!r} is not valid; choose dinov2 or mae.")
     if s.demo_masks not in DEMO_MASK_CLASSES:
-        raise ValueError(f"config.segment.demo_masks={s.demo_masks!r} is not valid; choose lesion or tissue.")
+        raise ValueError(f"config.segment.demo_masks={s.demo_masks!r} is not valid; choose lesion or tissue (brain-MRI "
+                         "demo) or lungs (chest X-ray demo).")
+    kind = config.data.demo_kind
+    if not s.manifest and s.demo_masks not in DEMO_KIND_MASKS.get(kind, ()):
+        raise ValueError(f"config.segment.demo_masks={s.demo_masks!r} is not a mask set of the {kind!r} demo "
+                         f"(config.data.demo_kind); choose {' or '.join(DEMO_KIND_MASKS.get(kind, ('-',)))}.")
     if not s.manifest and tuple(s.class_names) != DEMO_MASK_CLASSES[s.demo_masks]:
         raise ValueError(f"config.segment.class_names={tuple(s.class_names)} does not match the demo's "
                          f"{s.demo_masks} masks; set it to {DEMO_MASK_CLASSES[s.demo_masks]} (or give "
@@ -50,6 +64,25 @@ def validate(config) -> None:
                          "channel counts, one per upsampling stage.")
     if not 0.0 <= s.flip_p <= 1.0:
         raise ValueError(f"config.segment.flip_p={s.flip_p!r} must lie in [0, 1].")
+    if s.flip_p > 0 and sided(s.class_names):
+        raise ValueError(f"config.segment.flip_p={s.flip_p:g} flips images left-right, but config.segment.class_names "
+                         f"{', '.join(sided(s.class_names))} have sides, so a flipped image would teach the right "
+                         "one as the left (and show a mirrored anatomy); set config.segment.flip_p=0.")
+    if s.empty_masks not in EMPTY_MASKS:
+        raise ValueError(f"config.segment.empty_masks={s.empty_masks!r} is not valid; choose allow (an all-background "
+                         "mask is a case without the structure) or refuse (it is a broken label).")
+    if any(b not in BASELINES for b in s.baselines) or len(set(s.baselines)) != len(s.baselines):
+        raise ValueError(f"config.segment.baselines={tuple(s.baselines)} must list {', '.join(BASELINES)} at most "
+                         "once each, or be empty (no supervised baseline).")
+    if s.baselines and s.spatial_dims == 3:
+        raise ValueError(f"config.segment.baselines={tuple(s.baselines)} are 2D models but config.segment."
+                         "spatial_dims=3; set config.segment.baselines=() for volumes.")
+    for key in ("unet_width", "unet_depth", "unet_steps"):
+        if s[key] <= 0:
+            raise ValueError(f"config.segment.{key}={s[key]!r} must be a positive number.")
+    for key in ("unet_lr", "unet_weight_decay", "unet_warmup_steps"):
+        if s[key] < 0:
+            raise ValueError(f"config.segment.{key}={s[key]!r} must be 0 or more.")
     if len(s.crop_scale) != 2 or not 0.0 < s.crop_scale[0] <= s.crop_scale[1] <= 1.0:
         raise ValueError(f"config.segment.crop_scale={tuple(s.crop_scale)} must be (low, high) with "
                          "0 < low <= high <= 1.")

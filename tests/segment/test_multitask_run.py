@@ -14,7 +14,7 @@ from medjax.segment import trainer as segment
 from medjax.segment.validate import validate
 from tests.helpers import load_config as load
 
-VARIANTS = ("", "demo", "smoke", "demo3d", "smoke3d")
+VARIANTS = ("", "demo", "demo_cxr", "smoke", "demo3d", "smoke3d")
 
 
 @pytest.mark.parametrize("name", ["segment", "multitask"])

@@ -1,13 +1,11 @@
 """The segmentation trainer end to end on the ``:smoke`` config, and what it does with bad input.
 
-The backbone comes from ``smoke_checkpoints`` (a directory in a pretraining run's format,
-written directly); the trainer reads its step 1, which is not the latest, so the same run
-shows the warning. The bad-input tests use a three-patient NIfTI manifest built here and
+The run is ``segment_run`` (tests/segment/conftest.py): the backbone comes from
+``smoke_checkpoints`` (a directory in a pretraining run's format, written directly); the trainer
+reads its step 1, which is not the latest, so the same run shows the warning. The bad-input tests use a three-patient NIfTI manifest built here and
 stop in the data layer, before any model is built.
 """
 
-import contextlib
-import io
 import json
 import os
 
@@ -15,29 +13,16 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from medjax.segment import trainer as segment
 from medjax.segment.validate import validate
 from medjax.segment.data import load_data
 from tests.helpers import load_config, medjax
-
-
-@pytest.fixture(scope="module")
-def segment_run(smoke_checkpoints, smoke_demo_dir, tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("segment")
-    config = load_config("segment", "smoke")
-    config.segment.checkpoint_dir = str(smoke_checkpoints)
-    config.data.demo_dir = str(smoke_demo_dir)
-    config.segment.step = 1
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        results = segment.run(config, str(workdir))
-    return workdir, results, out.getvalue()
 
 
 def test_segment_writes_results_tables_overlays_and_models(segment_run):
     workdir, results, stdout = segment_run
     names = ["results.json", "results.md", "training_curves.png", "few_label.png"]
     names += [f"overlays_{i}_{h}.png" for i in ("random_init", "pretrained") for h in ("linear", "decoder")]
+    names.append("overlays_scratch_unet.png")
     for name in names:
         assert (workdir / name).stat().st_size > 0, name
     assert len(os.listdir(workdir / "predictions" / "pretrained_decoder")) == 2
@@ -48,9 +33,10 @@ def test_segment_writes_results_tables_overlays_and_models(segment_run):
     assert record["step"] == 1 and record["latest"] is False and record["latest_step"] == 2
     assert record["content_hash"] != saved["inits"]["random_init"]["content_hash"]
     assert "WARNING" in stdout and "NOT the latest checkpoint" in stdout
-    # 2 inits x 2 heads x fractions (0.5, 1.0), one seed each
+    # 2 inits x 2 heads x fractions (0.5, 1.0), one seed each, then the U-Net baseline at each fraction
     assert [(r["init"], r["head"], r["fraction"]) for r in saved["runs"]] == [
-        (i, h, f) for i in ("random_init", "pretrained") for h in ("linear", "decoder") for f in (0.5, 1.0)]
+        (i, h, f) for i in ("random_init", "pretrained") for h in ("linear", "decoder") for f in (0.5, 1.0)] + [
+        ("scratch", "unet", 0.5), ("scratch", "unet", 1.0)]
     table = (workdir / "results.md").read_text()
     assert table.count("| pretrained | decoder | frozen |") == 2 and "Dice lesion / patient" in table
     for r in saved["runs"]:
@@ -64,7 +50,7 @@ def test_segment_writes_results_tables_overlays_and_models(segment_run):
     for r in saved["runs"]:
         if r["fraction"] == 0.5:
             assert r["train_patients"] == full[r["init"]] // 2  # half of the training patients, whole patients
-    assert len(os.listdir(workdir / "models")) == 8
+    assert len(os.listdir(workdir / "models")) == 10
 
 
 def test_patient_summary_recomputes_from_the_saved_per_patient_values(segment_run):
