@@ -215,6 +215,11 @@ class FineTuner:
     def merge(trainable: dict, frozen: dict) -> dict:
         return unflatten({**trainable, **frozen})
 
+    @staticmethod
+    def count_trainable(trainable: dict) -> int:
+        """Parameters the optimiser updates (backbone and heads; the frozen ones are not in ``trainable``)."""
+        return int(sum(v.size for v in trainable.values()))
+
     def rules(self, trainable: dict) -> optim.ParamRules:
         return optim.ParamRules.from_params(trainable, depth=self.backbone.depth,
                                             layerwise_decay=self.layerwise_decay,

@@ -31,6 +31,7 @@ def summarise_runs(runs: list, targets: list, unit: str = "slices") -> list:
             for m in METRICS:
                 row[m] = summarise([r["test"][t].get(m, float("nan")) for r in group])
             row["minutes_per_epoch"] = summarise([r["timing"]["minutes_per_epoch"] for r in group])
+            row["trainable_parameters"] = summarise([r["trainable_parameters"] for r in group])
             row[f"train_{unit}"] = summarise([r[f"train_{unit}"] for r in group])
             rows.append(row)
     return rows
@@ -50,6 +51,8 @@ def _pm(s: dict, fmt: str = ".3f") -> str:
 
 
 def _where(record: dict) -> str:
+    if "architecture" in record:  # a CNN baseline
+        return f"{record['architecture']}, " + _where({k: v for k, v in record.items() if k != "architecture"})
     if record["kind"] == "checkpoint":
         return f"step {record['step']}" + ("" if record["latest"] else " (not latest)") + f" of {record['path']}"
     if record["kind"] == "official":
@@ -57,12 +60,23 @@ def _where(record: dict) -> str:
     return f"random weights (seed {record['seed']} folded with the fraction seed)"
 
 
+def _speed_up(results: dict, row: dict) -> str:
+    """random_init's minutes/epoch (the ViT with every block trained) over this row's, at its fraction."""
+    full = [r for r in results["summary"] if r["init"] == "random_init" and r["fraction"] == row["fraction"]]
+    if not full:
+        return ""
+    return f" {full[0]['minutes_per_epoch']['mean'] / max(row['minutes_per_epoch']['mean'], 1e-12):.2f}x |"
+
+
 def summary_table(results: dict) -> str:
-    rows = ["| init | fraction | target | " + " | ".join(_HEADERS) + " | minutes/epoch |",
-            "|---|---|---|" + "---|" * (len(METRICS) + 1)]
+    speed = any(r["init"] == "random_init" for r in results["summary"])
+    rows = ["| init | fraction | target | " + " | ".join(_HEADERS) + " | minutes/epoch | trainable params |"
+            + (" speed-up vs full ViT training |" if speed else ""),
+            "|---|---|---|" + "---|" * (len(METRICS) + 2 + speed)]
     for r in results["summary"]:
         rows.append(f"| {r['init']} | {r['fraction']:g} | {r['target']} | "
-                    + " | ".join(_pm(r[m]) for m in METRICS) + f" | {_pm(r['minutes_per_epoch'], '.3g')} |")
+                    + " | ".join(_pm(r[m]) for m in METRICS) + f" | {_pm(r['minutes_per_epoch'], '.3g')} | "
+                    + f"{r['trainable_parameters']['mean']:,.0f} |" + _speed_up(results, r))
     return "\n".join(rows) + "\n"
 
 
@@ -149,10 +163,13 @@ def write_outputs(results: dict, workdir: str, targets) -> None:
              f"Budget: {sched['steps']} steps of batch {sched['batch_size']} for every init and fraction "
              f"({sched['steps'] // sched['steps_per_full_epoch']} pass(es) over the full training split), tested "
              f"at {results['keep']}; "
-             f"{len(results['frozen_parameters'])} frozen backbone parameters; "
+             f"{len(results['frozen_parameters'])} frozen backbone parameters (every block of random_init and of "
+             "the CNN baselines trains); "
              f"{unit} train / val / test: {counts['train']} / {counts['val']} / {counts['test']}. Test metrics, "
              "mean ± std over seeds "
-             f"{results['summary'][0]['seeds']}; minutes/epoch = time per pass over the training subset.\n",
+             f"{results['summary'][0]['seeds']}; minutes/epoch = measured wall time of the training steps per pass "
+             "over the training subset (evaluations and the first step's compilation excluded); speed-up = "
+             "random_init's (the ViT with every block trained) minutes/epoch over the row's.\n",
              summary_table(results)]
     for t in targets:
         lines.append(f"\n## Per class: {t.name} (test, fraction {fractions[-1]:g})\n\n"

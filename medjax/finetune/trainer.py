@@ -4,9 +4,12 @@
         --config.finetune.checkpoint_dir=runs/demo
 
 The backbone starts from a medjax pretraining run's teacher (``init=checkpoint``),
-official DINOv2 weights (``init=official``) or random weights (``init=random``);
-``baselines=("random",)`` also trains the same architecture from random weights
-with the same budget, so a reader sees what the pretraining bought. Every init
+official DINOv2 weights (``init=official``) or random weights (``init=random``).
+``baselines`` adds models trained with the same budget, so a reader sees what the
+pretraining bought: ``random`` (the same ViT from random weights, every block
+trained: with ``freeze_blocks`` > 0 the table shows the frozen ViT's speed-up over
+this full training), ``resnet50`` and ``densenet121`` (the supervised CNN standards,
+medjax.finetune.cnn). Every init
 is trained on each few-label fraction of the training patients (sampled per
 patient, stratified by the first target's class, one draw per seed) for the same
 number of steps: ``epochs`` passes over the full training split, so a 10 % subset
@@ -45,11 +48,12 @@ from medjax.checkpoint import (Checkpointer, checkpoints_dir, content_hash, dump
 from medjax.data import fractions
 from medjax.data.views import SingleView
 from medjax.data.views3d import SingleView3D
-from medjax.finetune import report
+from medjax.finetune import cnn, report
 from medjax.finetune.data import load_splits
 from medjax.finetune.model import FineTuner, class_weights, flatten, is_frozen
 from medjax.finetune.validate import validate
 from medjax.models.backbone import backbone_from_config
+from medjax.models.convert import GRAY_MEAN, GRAY_STD
 from medjax.models.vit import VisionTransformer
 from medjax.schedules import CosineSchedule
 INIT_NAMES = {"checkpoint": "pretrained", "official": "official", "random": "random_init"}
@@ -247,9 +251,10 @@ def evaluate(tuner, eval_fn, trainable, frozen, images, labels, targets, batch) 
 
 
 def fit_subset(tuner, fns, params, splits, eval_x, targets, transforms, lr, f, *, fraction, seed, tag,
-               unit="slices"):
+               unit="slices", weight_decay=None):
     """Fine-tunes ``params`` on the ``fraction`` subset of the training patients drawn with ``seed``;
-    returns train_one's output and the run's JSON record (sizes, timing, history, val and test)."""
+    returns train_one's output and the run's JSON record (sizes, timing, history, val and test).
+    ``weight_decay`` None: ``f.weight_decay``."""
     train = splits["train"]
     idx = fractions.subset_indices(train.patient_ids, train.labels[:, 0], fraction, seed)
     labels = train.labels[idx]
@@ -262,7 +267,8 @@ def fit_subset(tuner, fns, params, splits, eval_x, targets, transforms, lr, f, *
     console.say(f"{tag}{patients} patients, {len(idx)} {unit}, {len(lr)} steps")
     steps_per_epoch = math.ceil(len(train.images) / f.batch_size)
     out = train_one(tuner, params, [train.images[i] for i in idx], labels, eval_x["val"], splits["val"].labels,
-                    transforms=transforms, lr=lr, weight_decay=f.weight_decay, batch_size=f.batch_size,
+                    transforms=transforms, lr=lr,
+                    weight_decay=f.weight_decay if weight_decay is None else weight_decay, batch_size=f.batch_size,
                     eval_every=f.eval_every or steps_per_epoch, keep=f.keep, seed=seed, balanced=f.class_weighted,
                     eval_batch=f.eval_batch, fns=fns, tag=tag)
     val, _ = evaluate(tuner, fns[1], out["trainable"], out["frozen"], eval_x["val"], splits["val"].labels, targets,
@@ -270,6 +276,7 @@ def fit_subset(tuner, fns, params, splits, eval_x, targets, transforms, lr, f, *
     test, predictions = evaluate(tuner, fns[1], out["trainable"], out["frozen"], eval_x["test"],
                                  splits["test"].labels, targets, f.eval_batch)
     return out, {"train_patients": patients, f"train_{unit}": len(idx), "best_step": out["best_step"],
+                 "trainable_parameters": tuner.count_trainable(out["trainable"]),
                  "kept_step": out["kept_step"], "timing": out["timing"], "history": out["history"], "val": val,
                  "test": test, "test_predictions": predictions}
 
@@ -338,10 +345,8 @@ def fine_tune(config, workdir: str) -> dict:
     lr = CosineSchedule(f.base_lr * f.batch_size / 256.0, f.min_lr, total,
                         warmup_steps=f.warmup_epochs * steps_per_epoch).as_array()
     main = INIT_NAMES[f.init]
-    inits = {main: (init_params, init.record)}
-    if "random" in f.baselines and f.init != "random":
-        inits = {"random_init": (None, {"kind": "random", "seed": config.seed}), **inits}
-    fns = (tuner.step_fn(), tuner.eval_fn())  # one compile serves every init, fraction and seed
+    contenders = _contenders(config, init, backbone, init_params, tuner, transforms, eval_x, splits, lr,
+                             total, steps_per_epoch)
     results = {"targets": {t.name: {"class_names": list(t.class_names), "description": t.description}
                            for t in targets},
                "config": dumps_config(config), "inits": {}, "runs": [],
@@ -351,16 +356,14 @@ def fine_tune(config, workdir: str) -> dict:
                "keep": "the last step" if f.keep == "last" else "the evaluation of best mean val balanced accuracy",
                "frozen_parameters": frozen_names(backbone, f.freeze_blocks)}
     saved_model = None
-    for name, (params0, record) in inits.items():
-        results["inits"][name] = record
+    for name, c in contenders.items():
+        results["inits"][name] = c.record
         for fraction in sorted(f.label_fractions):
             for seed in f.fraction_seeds:
                 key = jax.random.fold_in(jax.random.PRNGKey(config.seed), seed)
-                backbone_params = params0 if params0 is not None else random_backbone(backbone, key)
-                params = tuner.init_params(jax.random.fold_in(key, 1), backbone_params)
-                out, run = fit_subset(tuner, fns, params, splits, eval_x, targets, transforms, lr, f,
-                                      fraction=fraction, seed=seed, tag=f"{name} fraction {fraction:g} seed {seed}: ",
-                                      unit=unit)
+                out, run = fit_subset(c.tuner, c.fns, c.start(key), splits, c.eval_x, targets, c.transforms, c.lr,
+                                      f, fraction=fraction, seed=seed, unit=unit, weight_decay=c.weight_decay,
+                                      tag=f"{name} fraction {fraction:g} seed {seed}: ")
                 results["runs"].append({"init": name, "fraction": fraction, "seed": seed, **run})
                 if name == main and saved_model is None and fraction == max(f.label_fractions):
                     saved_model = (out, fraction, seed)
@@ -368,6 +371,59 @@ def fine_tune(config, workdir: str) -> dict:
     _save_model(workdir, tuner, saved_model, results, config, main, total)
     report.write_outputs(results, workdir, targets)
     return results
+
+
+@dataclasses.dataclass(frozen=True)
+class Contender:
+    """One model of the comparison: its tuner and compiled (step, eval), its start (jax key -> params), its
+    inputs and its lr schedule and weight decay."""
+
+    tuner: object
+    fns: tuple
+    start: object
+    record: dict
+    transforms: object
+    eval_x: dict
+    lr: np.ndarray
+    weight_decay: float
+
+
+def _contenders(config, init, backbone, init_params, tuner, transforms, eval_x, splits, lr, total,
+                steps_per_epoch) -> dict:
+    """{name: Contender}: the random-init ViT baseline (every block trained), the init under test, the CNNs."""
+    f = config.finetune
+
+    def vit(params0, t):
+        return lambda key: t.init_params(jax.random.fold_in(key, 1), params0 if params0 is not None
+                                         else random_backbone(backbone, key))
+
+    fns = (tuner.step_fn(), tuner.eval_fn())  # one compile serves every fraction and seed
+    out = {}
+    if "random" in f.baselines and f.init != "random":
+        full = dataclasses.replace(tuner, freeze_blocks=0)
+        full_fns = fns if full == tuner else (full.step_fn(), full.eval_fn())
+        out["random_init"] = Contender(full, full_fns, vit(None, full),
+                                       {"kind": "random", "seed": config.seed, "frozen_blocks": 0}, transforms,
+                                       eval_x, lr, f.weight_decay)
+    out[INIT_NAMES[f.init]] = Contender(tuner, fns, vit(init_params, tuner),
+                                        {**init.record, "frozen_blocks": f.freeze_blocks}, transforms, eval_x, lr,
+                                        f.weight_decay)
+    names = [b for b in f.baselines if b in cnn.CNNS]
+    if names:  # gray input normalised as the converted weights expect (and the random ViT is)
+        t = TRANSFORMS[2](transforms.size, (GRAY_MEAN,), (GRAY_STD,), transforms.scale, transforms.ratio,
+                          transforms.flip_p, 1)
+        x = eval_x if t == transforms else {s: t.eval_batch(splits[s].images) for s in ("val", "test")}
+        cnn_lr = CosineSchedule(f.cnn_base_lr * f.batch_size / 256.0, f.min_lr, total,
+                                warmup_steps=f.warmup_epochs * steps_per_epoch).as_array()
+    for name in names:
+        start = cnn.cnn_start(f, name, config.seed, transforms.size)
+        ct = cnn.cnn_tuner(f, start.backbone, tuner.num_classes)
+        begin = functools.partial(lambda st, tu, key: tu.init_params(  # numpy init seeded by the run's key
+            jax.random.fold_in(key, 1), st.variables_for(int.from_bytes(np.asarray(key).tobytes(), "little"),
+                                                         transforms.size)), start, ct)
+        out[name] = Contender(ct, (ct.step_fn(), ct.eval_fn()), begin, start.record, t, x, cnn_lr,
+                              f.cnn_weight_decay)
+    return out
 
 
 def _save_model(workdir, tuner, saved, results, config, main, total) -> None:

@@ -6,11 +6,12 @@ from medjax.cross_validation import check_cv_folds
 from medjax.data import fractions
 from medjax.data.job_manifest import data_folds
 from medjax.data.sources import index_options
+from medjax.finetune.cnn import check_config as check_cnn_config
 
 INITS = ("checkpoint", "official", "random")
 OFFICIAL_KINDS = ("dinov2", "mae")
 POOLINGS = ("cls_patch", "avg")
-BASELINES = ("random",)
+BASELINES = ("random", "resnet50", "densenet121")
 KEEP = ("best_val", "last")
 
 
@@ -39,6 +40,7 @@ def validate(config) -> None:
     if unknown:
         raise ValueError(f"config.finetune.baselines holds {unknown[0]!r}; the known baselines are "
                          f"{', '.join(BASELINES)} (or none: '()').")
+    check_cnn_config(f, config.model.spatial_dims)
     fractions.validate_fractions(f.label_fractions, "config.finetune.label_fractions")
     if not f.label_fractions or not f.fraction_seeds:
         raise ValueError("config.finetune.label_fractions and config.finetune.fraction_seeds need at least one "
