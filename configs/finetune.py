@@ -42,7 +42,7 @@ def get_config(variant: str = ""):
     f.image_size = 0  # input side (a cube's for 3D); 0 = the pretraining crop size (checkpoint), or 224 (2D) / 96 (3D)
     # Also trained with the same budget: "random" (this ViT from random weights, every block trained), "resnet50",
     # "densenet121" (supervised CNNs, from scratch or from the weights below); () = none
-    f.baselines = ("random",)
+    f.baselines = ("random",)  # random | resnet50 | densenet121, any of them (see above)
     f.resnet50_weights = ""  # torchvision/timm resnet50 weights (.pth, .safetensors, .npz); empty = from scratch
     f.densenet121_weights = ""  # torchvision/timm densenet121 weights (.pth, .safetensors, .npz); empty = from scratch
     f.cnn_optimizer = "sgd"  # the CNNs' optimiser: sgd (momentum 0.9, torchvision's recipe) | adamw (the ViT's betas)
