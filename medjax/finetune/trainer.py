@@ -256,7 +256,9 @@ def fit_subset(tuner, fns, params, splits, eval_x, targets, transforms, lr, f, *
     returns train_one's output and the run's JSON record (sizes, timing, history, val and test).
     ``weight_decay`` None: ``f.weight_decay``."""
     train = splits["train"]
-    idx = fractions.subset_indices(train.patient_ids, train.labels[:, 0], fraction, seed)
+    # Several 0/1 findings: patients stratified by their rarest finding; otherwise by the first target's class.
+    findings = len(targets) > 1 and all(len(t.class_names) == 2 for t in targets)
+    idx = fractions.subset_indices(train.patient_ids, train.labels if findings else train.labels[:, 0], fraction, seed)
     labels = train.labels[idx]
     for i, t in enumerate(targets):
         missing = sorted(set(range(len(t.class_names))) - set(labels[:, i].tolist()))

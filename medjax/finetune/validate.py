@@ -5,6 +5,7 @@ from __future__ import annotations
 from medjax.cross_validation import check_cv_folds
 from medjax.data import fractions
 from medjax.data.job_manifest import data_folds
+from medjax.data.labelled import uncertain_policy
 from medjax.data.sources import index_options
 from medjax.finetune.cnn import check_config as check_cnn_config
 
@@ -19,6 +20,7 @@ def validate(config) -> None:
     """One sentence naming the first bad value."""
     index_options(config)  # config.data's volume_index, mask_resample, mask_values
     data_folds(config)
+    uncertain_policy(config)  # config.data.uncertain_labels
     f = config.finetune
     check_cv_folds(f.cv_folds, "config.finetune.cv_folds")
     if f.init not in INITS:
