@@ -6,9 +6,11 @@ a target carries about its image. A collapsed teacher gives every image the same
 (uniform: entropy near log K) or sharp (one mode: batch-mean entropy near 0); in both cases the
 difference is near 0 and the student learns nothing about images. At initialisation every run looks
 like that (LayerScale 1e-5 makes every image's CLS token alike), so a run is judged only after its
-grace period; after it, a window is flagged when the targets are collapsed, or when the image
-information they carry has fallen below half of its best (a collapse on its way), in this logged window
-and the one before (a single window of a recovering run is not a collapse).
+grace period; after it, a window is flagged when the targets are collapsed, or when the batch-mean
+entropy has fallen below half of its best (a collapse to one mode on its way: images agreeing on fewer
+and fewer prototypes), in this logged window and the one before (a single window of a recovering run is
+not a collapse). The image information itself may fall without harm: a rising teacher temperature
+flattens every target by design.
 
 The thresholds come from the demo runs (BUILD_NOTES, "The demo recipe"): collapsed runs carried at most
 0.4 % of log K of image information, image-specific ones at least 4.5 % (Sinkhorn-Knopp makes the batch
@@ -55,7 +57,7 @@ class CollapseWatch:
     def __init__(self, n_prototypes: int, grace_steps: int):
         self.log_k = math.log(n_prototypes)
         self.grace_steps = grace_steps
-        self.best_information = 0.0
+        self.best_batch_entropy = 0.0
         self.previous_signal = ""
         self.first_flagged: int | None = None
         self.flagged_windows = 0
@@ -73,10 +75,10 @@ class CollapseWatch:
                 signal = "collapse: one target for every image"
             elif information < INFORMATION_FLOOR * self.log_k:
                 signal = "collapse: targets ignore the image"
-            elif self.best_information >= 0.05 * self.log_k and information < 0.5 * self.best_information:
-                signal = (f"collapsing: image information in the targets fell from {self.best_information:.2f} "
-                          f"to {information:.2f} nats")
-        self.best_information = max(self.best_information, information)
+            elif batch < 0.5 * self.best_batch_entropy:
+                signal = (f"collapsing: the batch-mean target entropy fell from {self.best_batch_entropy:.2f} "
+                          f"to {batch:.2f} nats")
+        self.best_batch_entropy = max(self.best_batch_entropy, batch)
         note = signal if signal and self.previous_signal else ""  # two windows in a row
         self.previous_signal = signal
         row["collapse_warning"] = float(bool(note))
