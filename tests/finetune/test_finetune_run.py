@@ -245,3 +245,30 @@ def test_config_variants_are_valid(variant):
     c = load_config(variant)
     validate(c)
     assert c.mode == "finetune"
+
+
+def test_a_short_fine_tune_from_official_weights(tmp_path, smoke_demo_dir):
+    """init=official end to end: converted official weights (RGB, 4 registers) fine-tuned on the smoke demo
+    slices with the first block frozen; the frozen block stays the official one, the rest trains."""
+    from medjax.models import convert
+    from medjax.models.vit import VisionTransformer
+
+    model = VisionTransformer(img_size=28, patch_size=7, in_chans=3, embed_dim=64, depth=2, num_heads=1,
+                              num_register_tokens=4, interpolate_antialias=True, interpolate_offset=0.0)
+    weights = str(tmp_path / "official.npz")
+    convert.save_official(weights, model.init(jax.random.PRNGKey(3), np.zeros((1, 28, 28, 3), np.float32))["params"],
+                          model=model)
+    c = load_config()
+    c.finetune.init, c.finetune.official_weights, c.finetune.image_size = "official", weights, 28
+    c.finetune.baselines, c.finetune.label_fractions, c.finetune.freeze_blocks = (), (1.0,), 1
+    c.data.demo_dir = str(smoke_demo_dir)
+    workdir = tmp_path / "run"
+    results = finetune.run(c, str(workdir))
+    assert results["inits"]["official"]["kind"] == "official" and [r["init"] for r in results["runs"]] == ["official"]
+    for target in ("lesion", "contrast"):
+        assert 0.0 <= results["runs"][0]["test"][target]["accuracy"] <= 1.0
+    _, official = convert.load_official(weights, img_size=28, in_chans=1)
+    with ocp.StandardCheckpointer() as ckptr:
+        tuned = ckptr.restore(os.path.join(results["checkpoint"]["path"], "state"))["backbone"]
+    jax.tree.map(np.testing.assert_array_equal, tuned["blocks_0"], official["blocks_0"])  # frozen: official
+    assert np.abs(tuned["blocks_1"]["mlp"]["fc1"]["kernel"] - official["blocks_1"]["mlp"]["fc1"]["kernel"]).max() > 0
