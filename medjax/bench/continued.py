@@ -1,6 +1,7 @@
 """Continued pretraining from a backbone without heads: with the head warm-up and without.
 
-    python -m medjax.bench.continued --run=runs/demo --out=runs/continued [--epochs=5]
+    python -m medjax.bench.continued --run=runs/demo --out=runs/continued [--epochs=5] \
+        [--override=config.optim.warmup_epochs=0 ...]
 
 Meta's released DINOv2 weights hold a backbone and no DINO/iBOT heads. This reproduces that start on the
 demo: the teacher backbone of a finished ``configs/dinov2_reg.py:demo`` run (``--run``) is written in the
@@ -26,6 +27,8 @@ _RUN = flags.DEFINE_string("run", None, "Workdir of a finished configs/dinov2_re
 _OUT = flags.DEFINE_string("out", None, "Folder for the exported backbone and the two continued runs.",
                            required=True)
 _EPOCHS = flags.DEFINE_integer("epochs", 5, "Epochs (of the demo's 12 steps) of each continued run.")
+_OVERRIDES = flags.DEFINE_multi_string("override", [], "More KEY=VALUE settings for both continued runs, e.g. "
+                                       "config.optim.warmup_epochs=0 (no lr warm-up: the harshest start).")
 KNN = "eval/knn_k20_accuracy"
 
 
@@ -33,12 +36,13 @@ def knn_by_step(workdir: str) -> dict[int, float]:
     return {r["step"]: r[KNN] for r in read_metrics(os.path.join(workdir, "metrics.jsonl")) if KNN in r}
 
 
-def continue_from(weights: str, demo_data: str, workdir: str, warmup_epochs: int, epochs: int) -> dict[int, float]:
+def continue_from(weights: str, demo_data: str, workdir: str, warmup_epochs: int, epochs: int,
+                  overrides=()) -> dict[int, float]:
     """One continued :demo run from ``weights``; its kNN accuracy after every epoch."""
     cmd = [sys.executable, "-m", "medjax.main", "--config=configs/dinov2_reg.py:demo", f"--workdir={workdir}",
            f"--config.model.init_weights={weights}", f"--config.model.head_warmup_epochs={warmup_epochs}",
            f"--config.optim.epochs={epochs}", f"--config.data.demo_dir={demo_data}", "--config.evals.every=12",
-           "--config.evals.linear_probe=False", "--config.evals.final=False"]
+           "--config.evals.linear_probe=False", "--config.evals.final=False", *(f"--{o}" for o in overrides)]
     print(" ".join(cmd[1:]), flush=True)
     subprocess.run(cmd, check=True, cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
     return knn_by_step(workdir)
@@ -57,7 +61,7 @@ def main(argv):
     save_official(weights, run.params, model=run.backbone)
     demo_data = os.path.abspath(os.path.join(_RUN.value, "demo_data"))
     curves = {w: continue_from(weights, demo_data, os.path.abspath(os.path.join(_OUT.value, f"warmup_{w}")), w,
-                               _EPOCHS.value) for w in (1, 0)}
+                               _EPOCHS.value, _OVERRIDES.value) for w in (1, 0)}
     print(f"\nkNN accuracy (k = 20, test) of the start backbone ({_RUN.value}, step {run.step}): "
           f"{start[run.step]:.3f}")
     steps = sorted(set(curves[1]) | set(curves[0]))
