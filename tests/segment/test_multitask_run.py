@@ -67,3 +67,31 @@ def test_fine_tuned_backbone_is_saved_with_the_heads(multitask_run, smoke_checkp
     moved = np.abs(state["params"]["backbone"]["blocks_0"]["attn"]["qkv"]["kernel"]
                    - start["blocks_0"]["attn"]["qkv"]["kernel"]).max()
     assert moved > 0  # the backbone was trained, not frozen
+
+
+def test_rows_without_a_class_train_the_segmentation_only():
+    """A film without a diagnosis (label < 0) adds nothing to the classification loss and all of its pixels
+    to the segmentation loss."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    from medjax.segment import model
+
+    spec = model.SegSpec(None, model.LinearSegHead(2), model.ClassifierHead(3), 1, 2, 1.0, 1.0, 1.0, True)
+    rng = np.random.default_rng(0)
+    batch = {"patch": jnp.asarray(rng.normal(size=(2, 2, 2, 4)), jnp.float32),
+             "pooled": jnp.asarray(rng.normal(size=(2, 6)), jnp.float32),
+             "images": jnp.zeros((2, 4, 4, 1)), "masks": jnp.asarray(rng.integers(0, 2, (2, 4, 4)), jnp.int32)}
+    params = {"head": {"classifier": {"kernel": jnp.asarray(rng.normal(size=(4, 2)), jnp.float32), "bias": jnp.zeros(2)}},
+              "cls_head": {"classifier": {"kernel": jnp.asarray(rng.normal(size=(6, 3)), jnp.float32),
+                                          "bias": jnp.zeros(3)}}}
+    stats = {"patch_mean": jnp.zeros(4), "patch_std": jnp.ones(4), "pooled_mean": jnp.zeros(6),
+             "pooled_std": jnp.ones(6), "cls_weights": jnp.asarray([1.0, 2.0, 0.5])}
+    _, parts = model.total_loss(params, stats, {**batch, "labels": jnp.asarray([1, -1])}, jax.random.PRNGKey(0), spec)
+    logits = batch["pooled"] @ params["cls_head"]["classifier"]["kernel"]
+    first = optax.softmax_cross_entropy_with_integer_labels(logits[:1], jnp.asarray([1]))[0]
+    assert float(parts["classification_ce"]) == pytest.approx(float(first), rel=1e-5)
+    _, both = model.total_loss(params, stats, {**batch, "labels": jnp.asarray([1, 2])}, jax.random.PRNGKey(0), spec)
+    assert float(both["classification_ce"]) != pytest.approx(float(first), rel=1e-3)
+    assert float(both["ce"]) == float(parts["ce"])  # the segmentation loss sees both films either way
