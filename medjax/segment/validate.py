@@ -5,7 +5,7 @@ from __future__ import annotations
 from medjax.data.demo import TISSUE_CLASSES
 from medjax.data.demo_cxr import LUNG_CLASSES
 from medjax.data.job_manifest import data_folds
-from medjax.data.sources import index_options
+from medjax.data.sources import demo_kind, index_options
 
 HEADS = ("linear", "decoder")
 BASELINES = ("unet",)
@@ -36,10 +36,10 @@ def validate(config) -> None:
     if s.demo_masks not in DEMO_MASK_CLASSES:
         raise ValueError(f"config.segment.demo_masks={s.demo_masks!r} is not valid; choose lesion or tissue (brain-MRI "
                          "demo) or lungs (chest X-ray demo).")
-    kind = config.data.demo_kind
-    if not s.manifest and s.demo_masks not in DEMO_KIND_MASKS.get(kind, ()):
+    kind = demo_kind(config)  # config.data.demo_kind, checked
+    if not s.manifest and s.demo_masks not in DEMO_KIND_MASKS[kind]:
         raise ValueError(f"config.segment.demo_masks={s.demo_masks!r} is not a mask set of the {kind!r} demo "
-                         f"(config.data.demo_kind); choose {' or '.join(DEMO_KIND_MASKS.get(kind, ('-',)))}.")
+                         f"(config.data.demo_kind); choose {' or '.join(DEMO_KIND_MASKS[kind])}.")
     if not s.manifest and tuple(s.class_names) != DEMO_MASK_CLASSES[s.demo_masks]:
         raise ValueError(f"config.segment.class_names={tuple(s.class_names)} does not match the demo's "
                          f"{s.demo_masks} masks; set it to {DEMO_MASK_CLASSES[s.demo_masks]} (or give "

@@ -141,6 +141,10 @@ def test_bad_masks_end_in_one_sentence(tmp_path, case, match):
     ("demo_masks", "organs", "config.segment.demo_masks='organs' is not valid"),
     ("class_names", ("background", "tumour"), "does not match the demo's lesion masks; set it to ('background', "
                                               "'lesion')"),
+    ("demo_masks", "lungs", "config.segment.demo_masks='lungs' is not a mask set of the 'mri' demo"),
+    ("empty_masks", "skip", "config.segment.empty_masks='skip' is not valid"),
+    ("baselines", ("unet", "resnet"), "config.segment.baselines=('unet', 'resnet') must list unet at most once"),
+    ("unet_depth", 0, "config.segment.unet_depth=0 must be a positive number"),
 ])
 def test_bad_config_values_are_named(key, value, match):
     config = load_config("segment", "smoke")
