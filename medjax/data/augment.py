@@ -169,8 +169,8 @@ class CropDraws:
 
 def draw_crop(cfg: MultiCropConfig, blur_p: float, rng: np.random.Generator) -> CropDraws:
     """Every choice of one crop but its noise field, in the order they have always been drawn (so seeded
-    runs keep their exact views): flip, ColorJitter (both factors or neither, in a random order), gamma,
-    blur, noise."""
+    runs keep their views, to float32 rounding): flip, ColorJitter (both factors or neither, in a random
+    order), gamma, blur, noise."""
     flip = rng.random() < cfg.flip_p
     factors = {}
     brightness_first = True
