@@ -103,7 +103,7 @@ def test_image_mask_folders_to_segmentation(pretrained, tmp_path):
     s = load_config("segment", "smoke")
     s.segment.checkpoint_dir, s.segment.manifest = pretrained, str(out)
     s.segment.class_names, s.segment.label_fractions = ("background", "lung"), (1.0,)
-    s.segment.heads, s.segment.random_baseline = ("linear",), False
+    s.segment.heads, s.segment.random_baseline, s.segment.baselines = ("linear",), False, ()
     s.data.mask_values, s.data.extra_columns = '{"255": 1}', "label"
     result = segment.run(s, _workdir(tmp_path, "segment"))
     dice = [run["test"]["patient"]["classes"]["lung"]["dice_mean"] for run in result["runs"]]
