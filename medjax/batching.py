@@ -1,8 +1,9 @@
-"""Running a jitted function over many rows in fixed-size batches.
+"""Rows in batches: a jitted function over many rows in fixed-size batches, and training batch order.
 
 The last batch is padded with zero rows to the full batch size, so one
 compiled shape serves every batch; the padding rows are dropped from the
-outputs.
+outputs. Training batches are consecutive runs of per-epoch permutations, all
+of one size (one compile).
 """
 
 from __future__ import annotations
@@ -31,3 +32,15 @@ def map_batched(fn, x: np.ndarray, batch: int) -> dict:
     for i, j, part in padded_batches({"x": x}, batch):
         parts.append({k: np.asarray(v)[: j - i] for k, v in jax.device_get(fn(part["x"])).items()})
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
+def epoch_batches(n: int, batch: int, rng: np.random.Generator):
+    """Row indices of endless training batches of ``min(batch, n)`` rows: consecutive runs of a permutation
+    of the ``n`` rows, a fresh permutation when the rest of one would not fill a batch."""
+    batch = min(batch, n)
+    order, pos = rng.permutation(n), 0
+    while True:
+        if pos + batch > n:
+            order, pos = rng.permutation(n), 0
+        yield order[pos:pos + batch]
+        pos += batch

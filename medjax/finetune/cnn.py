@@ -36,7 +36,7 @@ import optax
 
 from medjax import optim
 from medjax.checkpoint import content_hash
-from medjax.finetune.model import flatten, init_heads, mix_batch, mixed_loss, soft_targets, unflatten, weighted_ce
+from medjax.finetune.model import flatten, init_heads, mix_batch, targets_loss, unflatten
 from medjax.models.cnns import CNNS, build_cnn, torch_init
 from medjax.models.convert_cnn import describe, load_cnn
 
@@ -112,14 +112,7 @@ class CNNTuner:
         if mixing:
             x, lam = mix_batch(x, jax.random.fold_in(rng, 1), self.mixup, self.cutmix)
         logits, new_stats = self.logits({**params, **stats}, x, train=True)
-        per_target = []
-        for i, (t, c) in enumerate(self.num_classes):
-            if not mixing and self.label_smoothing == 0:
-                per_target.append(weighted_ce(logits[t], labels[:, i], weights[t]))
-                continue
-            targets, rows = soft_targets(labels[:, i], c, weights[t], self.label_smoothing)
-            per_target.append(mixed_loss(logits[t], targets, rows, lam))
-        per_target = jnp.stack(per_target)
+        per_target = targets_loss(logits, labels, weights, self.num_classes, self.label_smoothing, mixing, lam)
         return jnp.sum(per_target), (per_target, new_stats)
 
     def step_fn(self):

@@ -171,6 +171,18 @@ def weighted_ce(logits: jax.Array, labels: jax.Array, weights: jax.Array) -> jax
     return jnp.sum(w * ce) / jnp.maximum(jnp.sum(w), 1e-12)
 
 
+def targets_loss(logits: dict, labels: jax.Array, weights: dict, num_classes, label_smoothing: float, mixing: bool,
+                 lam) -> jax.Array:
+    """Each target head's class-weighted CE on its own labelled rows (smoothed and mixed when asked), stacked."""
+    per_target = []
+    for i, (t, c) in enumerate(num_classes):
+        if not mixing and label_smoothing == 0:
+            per_target.append(weighted_ce(logits[t], labels[:, i], weights[t]))
+            continue
+        targets, rows = soft_targets(labels[:, i], c, weights[t], label_smoothing)
+        per_target.append(mixed_loss(logits[t], targets, rows, lam))
+    return jnp.stack(per_target)
+
 @dataclasses.dataclass(frozen=True)
 class FineTuner:
     """The static part of fine-tuning: model, targets, what is frozen, the optimiser's rules."""
@@ -244,14 +256,7 @@ class FineTuner:
         if mixing:
             x, lam = mix_batch(x, jax.random.fold_in(rng, 1), self.mixup, self.cutmix)
         logits = self.logits(self.merge(trainable, frozen), x, train=True, rng=rng)
-        per_target = []
-        for i, (t, c) in enumerate(self.num_classes):
-            if not mixing and self.label_smoothing == 0:
-                per_target.append(weighted_ce(logits[t], labels[:, i], weights[t]))
-                continue
-            targets, rows = soft_targets(labels[:, i], c, weights[t], self.label_smoothing)
-            per_target.append(mixed_loss(logits[t], targets, rows, lam))
-        per_target = jnp.stack(per_target)
+        per_target = targets_loss(logits, labels, weights, self.num_classes, self.label_smoothing, mixing, lam)
         return jnp.sum(per_target), per_target
 
     def step_fn(self):

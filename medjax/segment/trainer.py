@@ -46,7 +46,7 @@ import ml_collections
 import numpy as np
 
 from medjax import console, runs
-from medjax.batching import map_batched
+from medjax.batching import epoch_batches, map_batched
 from medjax.checkpoint import content_hash
 from medjax.data.fractions import summarise
 from medjax.models.unet import parameter_count
@@ -173,8 +173,6 @@ def _init_params(spec, train, backbone_params, seed: int, num_cls: int) -> dict:
 def _batches(spec, train, train_feats, s, rng: np.random.Generator):
     """Training batches, consecutive runs of per-epoch permutations (one size: one compile). Frozen:
     gathered on the device from the cached tokens; fine-tuned: augmented on the host (slices or volumes)."""
-    n = len(train)
-    batch = min(s.batch_size, n)
     labels = train.labels.astype(np.int32)  # < 0: no class (left out of the classification loss)
     augment_fn = data3d.augment if train.images.ndim == 5 else augment
     if spec.frozen:
@@ -182,12 +180,7 @@ def _batches(spec, train, train_feats, s, rng: np.random.Generator):
                   **{k: jnp.asarray(v) for k, v in train_feats.items()}}
         if spec.cls_head is not None:
             device["labels"] = jnp.asarray(labels)
-    order, pos = rng.permutation(n), 0
-    while True:
-        if pos + batch > n:
-            order, pos = rng.permutation(n), 0
-        idx = order[pos:pos + batch]
-        pos += batch
+    for idx in epoch_batches(len(train), s.batch_size, rng):
         if spec.frozen:
             yield {k: v[jnp.asarray(idx)] for k, v in device.items()}
             continue

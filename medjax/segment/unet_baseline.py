@@ -29,6 +29,7 @@ import numpy as np
 import optax
 
 from medjax import console
+from medjax.batching import epoch_batches
 from medjax.models.unet import UNet, parameter_count
 from medjax.segment import evaluate2d, model, outcome
 from medjax.segment.data import augment, few_label_indices
@@ -86,14 +87,7 @@ def predict_fn(net: UNet):
 
 def _batches(train, s, rng: np.random.Generator):
     """Augmented training batches, consecutive runs of per-epoch permutations (one size: one compile)."""
-    n = len(train)
-    batch = min(s.batch_size, n)
-    order, pos = rng.permutation(n), 0
-    while True:
-        if pos + batch > n:
-            order, pos = rng.permutation(n), 0
-        idx = order[pos:pos + batch]
-        pos += batch
+    for idx in epoch_batches(len(train), s.batch_size, rng):
         x, m = augment(train.images[idx], train.masks[idx], rng, flip_p=s.flip_p, crop_scale=s.crop_scale)
         yield {"images": x, "masks": m.astype(np.int32)}
 
