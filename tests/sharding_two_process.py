@@ -20,7 +20,6 @@ import dataclasses
 import json
 import os
 import sys
-import types
 
 import jax
 import numpy as np
@@ -31,7 +30,6 @@ from medjax.data.masking import mask_index_arrays
 from medjax.reporting import read_metrics
 from medjax.schedules import pretrain_schedules
 from medjax import optim
-from medjax.pretrain import trainer
 from medjax.pretrain.trainer import init_sharded_state, jit_train_step, make_train_step
 from medjax.data.sources import training_source
 from medjax.pretrain.batches import BatchPlacer, pretrain_iterator
@@ -75,10 +73,6 @@ def main(workdir, out_path):
     per_process = config.train.batch_size_per_device  # one device per process in the two-process run
     global_batch = per_process * PROCESSES
     config.train.batch_size_per_device = global_batch
-    # KoLeo per device: in the two-process run each process's 4 images of a crop are one neighbour pool;
-    # the merged batch holds them as consecutive rows, so the same pools are groups of `per_process`.
-    trainer.LossConfig = types.SimpleNamespace(from_config=lambda c: dataclasses.replace(
-        LossConfig.from_config(c), koleo_group_size=per_process))
     config.mesh.data, config.mesh.fsdp = 1, 1
     mesh = sharding.make_mesh(1, 1, devices=jax.devices()[:1])
 
@@ -93,7 +87,11 @@ def main(workdir, out_path):
                                          layerwise_decay=config.optim.layerwise_decay,
                                          patch_embed_lr_mult=config.optim.patch_embed_lr_mult)
     place = BatchPlacer(mesh, n_global=config.crops.n_global, n_local=config.crops.n_local)
-    step = jit_train_step(make_train_step(models, config, pretrain_schedules(config, global_batch), rules, adam),
+    # KoLeo per device: in the two-process run each process's 4 images of a crop are one neighbour pool;
+    # the merged batch holds them as consecutive rows, so the same pools are groups of `per_process`.
+    loss_cfg = dataclasses.replace(LossConfig.from_config(config), koleo_group_size=per_process)
+    step = jit_train_step(make_train_step(models, config, pretrain_schedules(config, global_batch), rules, adam,
+                                          loss_cfg),
                           shardings, place.shardings, mesh)
     losses = []
     for _ in range(STEPS):

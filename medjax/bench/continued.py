@@ -30,6 +30,7 @@ _EPOCHS = flags.DEFINE_integer("epochs", 5, "Epochs (of the demo's 12 steps) of 
 _OVERRIDES = flags.DEFINE_multi_string("override", [], "More KEY=VALUE settings for both continued runs, e.g. "
                                        "config.optim.warmup_epochs=0 (no lr warm-up: the harshest start).")
 KNN = "eval/knn_k20_accuracy"
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # configs/ lies there
 
 
 def knn_by_step(workdir: str) -> dict[int, float]:
@@ -44,7 +45,7 @@ def continue_from(weights: str, demo_data: str, workdir: str, warmup_epochs: int
            f"--config.optim.epochs={epochs}", f"--config.data.demo_dir={demo_data}", "--config.evals.every=12",
            "--config.evals.linear_probe=False", "--config.evals.final=False", *(f"--{o}" for o in overrides)]
     print(" ".join(cmd[1:]), flush=True)
-    subprocess.run(cmd, check=True, cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    subprocess.run(cmd, check=True, cwd=REPO)
     return knn_by_step(workdir)
 
 

@@ -33,18 +33,31 @@ SMALL_BATCH_ADVICE = ("settings that kept small-batch runs image-specific on the
 INFORMATION_FLOOR = 0.01  # image information (batch-mean minus per-image entropy) below this share of log K
 
 
+def collapse_kind(teacher_entropy: float, batch_entropy: float, log_k: float) -> str:
+    """"one_mode", "uniform", "image_blind" (little image information, not flat), or "" (image-specific)."""
+    if batch_entropy < 0.1 * log_k:
+        return "one_mode"
+    if batch_entropy - teacher_entropy < INFORMATION_FLOOR * log_k:
+        return "uniform" if teacher_entropy > 0.9 * log_k else "image_blind"
+    return ""
+
+
 def collapse_verdict(teacher_entropy: float, batch_entropy: float, n_prototypes: int) -> str:
     """One line on the teacher's state: uniform, a single mode, little image information, or fine."""
-    log_k = math.log(n_prototypes)
-    if batch_entropy < 0.1 * log_k:
+    kind = collapse_kind(teacher_entropy, batch_entropy, math.log(n_prototypes))
+    if kind == "one_mode":
         return "collapsed to one mode: every image gets the same sharp target (see training_overview.png)"
-    if batch_entropy - teacher_entropy < INFORMATION_FLOOR * log_k:
-        if teacher_entropy > 0.9 * log_k:
-            return ("collapsed to uniform: every image gets the same flat target (expected early in a run much "
-                    "shorter than the teacher's EMA horizon; see training_overview.png)")
+    if kind == "uniform":
+        return ("collapsed to uniform: every image gets the same flat target (expected early in a run much "
+                "shorter than the teacher's EMA horizon; see training_overview.png)")
+    if kind == "image_blind":
         return (f"targets carry little information about the image yet ({batch_entropy - teacher_entropy:.2f} "
                 "nats: the batch mean is nearly as spread as each target); judge the features by config.evals")
     return "not collapsed: targets are image-specific and spread over the prototypes"
+
+
+WATCH_NOTES = {"one_mode": "collapse: one target for every image", "uniform": "collapse: uniform targets",
+               "image_blind": "collapse: targets ignore the image"}  # progress-line notes per collapse kind
 
 
 class CollapseWatch:
@@ -67,14 +80,11 @@ class CollapseWatch:
         teacher, batch = row.get("teacher_entropy"), row.get("teacher_batch_entropy")
         if teacher is None or batch is None or not (math.isfinite(teacher) and math.isfinite(batch)):
             return ""
-        information = batch - teacher
         signal = ""
         if step > self.grace_steps:
-            if batch < 0.1 * self.log_k:
-                signal = "collapse: one target for every image"
-            elif information < INFORMATION_FLOOR * self.log_k:
-                uniform = teacher > 0.9 * self.log_k
-                signal = "collapse: uniform targets" if uniform else "collapse: targets ignore the image"
+            kind = collapse_kind(teacher, batch, self.log_k)
+            if kind:
+                signal = WATCH_NOTES[kind]
             elif batch < 0.5 * self.best_batch_entropy:
                 signal = (f"collapsing: the batch-mean target entropy fell from {self.best_batch_entropy:.2f} "
                           f"to {batch:.2f} nats")

@@ -39,6 +39,11 @@ class PretrainState(flax.struct.PyTreeNode):
     ibot_center: jax.Array
 
 
+def _ema(teacher, student, momentum):
+    """The teacher's exponential moving average of the student: momentum * teacher + (1 - momentum) * student."""
+    return jax.tree.map(lambda t, s: momentum * t + (1.0 - momentum) * s, teacher, student)
+
+
 def head_warmup_steps(config) -> int:
     """Steps at the start of a run from ``config.model.init_weights`` during which only the heads train.
 
@@ -108,9 +113,9 @@ def jit_train_step(train_step, state_shardings, batch_shardings: dict, mesh):
     )
 
 
-def make_train_step(models, config, schedules, rules: optim.ParamRules, adam):
-    """The pure train step ``(state, batch, rng) -> (state, metrics)``."""
-    loss_cfg = LossConfig.from_config(config)
+def make_train_step(models, config, schedules, rules: optim.ParamRules, adam, loss_cfg: LossConfig | None = None):
+    """The pure train step ``(state, batch, rng) -> (state, metrics)``; ``loss_cfg`` defaults to the config's."""
+    loss_cfg = loss_cfg or LossConfig.from_config(config)
     loss_fn = functools.partial(ssl_loss, models=models, cfg=loss_cfg)
     clip = config.optim.clip_grad
     n_prototypes = config.head.n_prototypes
@@ -143,11 +148,9 @@ def make_train_step(models, config, schedules, rules: optim.ParamRules, adam):
                                                            student["backbone"], state.student["backbone"])}
         # The teacher follows the updated student (official order: optimizer step, then EMA); during the
         # head warm-up its heads are the student's (the fresh heads have no history worth averaging).
-        teacher = {
-            part: jax.tree.map(lambda t, s, mp=(m if part == "backbone" else jnp.where(frozen, 0.0, m)):
-                               mp * t + (1.0 - mp) * s, state.teacher[part], student[part])
-            for part in student
-        }
+        head_m = jnp.where(frozen, 0.0, m)
+        teacher = {part: _ema(state.teacher[part], student[part], m if part == "backbone" else head_m)
+                   for part in student}
         finite = jnp.isfinite(loss) & jnp.isfinite(optax.global_norm(student))
         metrics = {
             **metrics,

@@ -72,7 +72,7 @@ def test_a_healthy_run_has_no_warning_and_rows_without_entropies_pass():
     assert watch.summary() == ""
 
 
-def test_progress_line_and_overview_show_the_warning(tmp_path, capsys):
+def test_progress_line_and_overview_show_the_warning(tmp_path, capsys, monkeypatch):
     reporter = reporting.Reporter(str(tmp_path), total_steps=100, images_per_step=8, is_main=False)
     reporter.is_main = True  # print without opening TensorBoard writers
     reporter.progress(30, {"loss": 2.0}, "collapse: uniform targets")
@@ -80,13 +80,14 @@ def test_progress_line_and_overview_show_the_warning(tmp_path, capsys):
     rows = [{"step": s, "loss": 1.0, "teacher_entropy": 6.0, "teacher_batch_entropy": 6.2,
              "collapse_warning": float(s >= 30)} for s in (10, 20, 30, 40)]
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    drawn = []
+    drawn = []  # the bands each shaded panel got
     original = reporting._shade_collapse_warnings
-    reporting._shade_collapse_warnings = lambda ax, rows: drawn.append(
-        [p for p in (original(ax, rows), ax.patches)[1]])
-    try:
-        reporting.plot_training_overview(str(tmp_path / "metrics.jsonl"), str(tmp_path / "overview.png"))
-    finally:
-        reporting._shade_collapse_warnings = original
+
+    def shade_and_count(ax, rows):
+        original(ax, rows)
+        drawn.append(list(ax.patches))
+
+    monkeypatch.setattr(reporting, "_shade_collapse_warnings", shade_and_count)
+    reporting.plot_training_overview(str(tmp_path / "metrics.jsonl"), str(tmp_path / "overview.png"))
     assert (tmp_path / "overview.png").stat().st_size > 0
     assert len(drawn) == 1 and len(drawn[0]) == 2  # two flagged windows shaded in the collapse panel
