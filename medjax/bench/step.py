@@ -6,11 +6,15 @@
 The step runs on one real batch from the pipeline (data time excluded), after
 one compiling call, with the trainer's state layout (FSDP when config.mesh.fsdp > 1). FLOPs per step come from XLA's cost analysis of the
 compiled step; the peak is the best of several large float32 (or bfloat16,
-matching config.model.dtype) matmuls timed in the same process.
+matching config.model.dtype) matmuls timed in the same process. Memory: XLA's
+buffer accounting of the compiled step (state + batch, temporaries) and the
+process's peak resident memory after the timed steps (which also holds the
+Python runtime, the compiled code and the input pipeline's first batch).
 """
 
 from __future__ import annotations
 
+import resource
 import time
 
 import jax
@@ -49,6 +53,27 @@ def step_flops(compiled) -> float:
     if isinstance(analysis, (list, tuple)):
         analysis = analysis[0]
     return float(analysis.get("flops", float("nan"))) if analysis else float("nan")
+
+
+def step_memory_mb(compiled) -> dict:
+    """XLA's own accounting of the compiled step's buffers, in MiB (deterministic, unlike resident memory):
+    the arguments (train state + batch), the outputs, and the temporaries (activations kept for the
+    backward pass, gradients, workspace) that the step needs on top of them at its peak."""
+    stats = compiled.memory_analysis()
+    if stats is None:
+        return {}
+    mib = 1024.0**2
+    return {
+        "state_and_batch_mib": stats.argument_size_in_bytes / mib,
+        "outputs_mib": stats.output_size_in_bytes / mib,
+        "aliased_mib": stats.alias_size_in_bytes / mib,  # outputs written over donated arguments
+        "temporaries_mib": stats.temp_size_in_bytes / mib,
+    }
+
+
+def peak_resident_mib() -> float:
+    """The process's peak resident set size so far (Linux reports KiB), in MiB."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 def _dinov2_step(config, workdir: str):
@@ -107,6 +132,7 @@ def benchmark(config, steps: int, workdir: str) -> dict:
         state, metrics = compiled(state, batch, rng)
     jax.block_until_ready(metrics)
     sec = (time.perf_counter() - t0) / steps
+    peak_rss = peak_resident_mib()  # before the matmul probe below allocates its own arrays
     peak = matmul_peak_flops(DTYPES[config.model.dtype])
     return {
         "device": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
@@ -118,6 +144,8 @@ def benchmark(config, steps: int, workdir: str) -> dict:
         "matmul_peak_gflops": peak / 1e9,
         "fraction_of_peak": flops / sec / peak,
         "loss": float(metrics["loss"]),
+        **step_memory_mb(compiled),
+        "peak_resident_mib": peak_rss,
     }
 
 

@@ -15,7 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from medjax.models.vit import torch_default_uniform, trunc_normal
+from medjax.models.vit import gelu, torch_default_uniform, trunc_normal
 
 
 class DINOHead(nn.Module):
@@ -34,7 +34,7 @@ class DINOHead(nn.Module):
             x = nn.Dense(width, dtype=self.dtype, param_dtype=jnp.float32, kernel_init=trunc_normal(0.02),
                          bias_init=nn.initializers.zeros, name=f"mlp_{i}")(x)
             if i < nlayers - 1:
-                x = nn.gelu(x, approximate=False)  # torch nn.GELU default is the exact erf form
+                x = gelu(x)  # torch nn.GELU default is the exact erf form
         # torch F.normalize: x / max(||x||, eps); official eps is 1e-6 for float16, else 1e-12.
         eps = 1e-6 if x.dtype == jnp.float16 else 1e-12
         norm = jnp.sqrt(jnp.sum(jnp.square(x.astype(jnp.float32)), axis=-1, keepdims=True))

@@ -62,7 +62,9 @@ class LossConfig:
 
 def build_models(config) -> SSLModels:
     """The config's backbone (``medjax.models.backbone``) and DINOv2's heads."""
-    backbone = backbone_from_config(config)
+    # The official trainer runs the student on the list of crop batches (NestedTensorBlock), whose drop
+    # path computes each residual branch on a random subset of the batch at any rate > 0.
+    backbone = backbone_from_config(config).clone(drop_path_batch_subset=True)
     h = config.head
     dtype = DTYPES[config.model.dtype]
     head = dict(hidden_dim=h.hidden_dim, bottleneck_dim=h.bottleneck_dim, nlayers=h.nlayers, dtype=dtype)
