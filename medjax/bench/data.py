@@ -117,7 +117,8 @@ def main(argv):
         config.data.cache_dir = os.path.join(workdir, "slice_cache")
     if "arrayrecord" in _SOURCES.value:
         start = time.perf_counter()
-        sources["arrayrecord"] = slice_source(config, manifest, "train", extra_columns=DEMO_COLUMNS)
+        sources["arrayrecord"] = slice_source(config, manifest, "train", extra_columns=DEMO_COLUMNS,
+                                              fields=("image",))  # as pretraining reads it
         print(f"cache ready in {time.perf_counter() - start:.1f} s ({len(sources['arrayrecord'])} slices)")
     print(describe(config))
     print(f"{'source':<12} {'workers':>8} {'samples/s':>10} {'range':>13} {'per worker':>10} "

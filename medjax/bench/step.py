@@ -29,9 +29,9 @@ from medjax.pretrain.loss_model import build_models
 from medjax.pretrain.trainer import init_sharded_state, jit_train_step, make_train_step
 from medjax.schedules import pretrain_schedules
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/dinov2_reg.py:bench", "Pretraining config.")
-_STEPS = flags.DEFINE_integer("steps", 20, "Timed steps.")
-_WORKDIR = flags.DEFINE_string("workdir", "runs/bench", "Where the demo data is written if no manifest is set.")
+CONFIG = config_flags.DEFINE_config_file("config", "configs/dinov2_reg.py:bench", "Pretraining config.")
+STEPS = flags.DEFINE_integer("steps", 20, "Timed steps.")
+WORKDIR = flags.DEFINE_string("workdir", "runs/bench", "Where the demo data is written if no manifest is set.")
 
 
 def matmul_peak_flops(dtype=jnp.float32, n: int = 2048, repeats: int = 5) -> float:
@@ -76,7 +76,7 @@ def peak_resident_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def _dinov2_step(config, workdir: str):
+def dinov2_step(config, workdir: str):
     """(compiled-able jitted step, state, batch, rng, global batch) of the DINOv2 trainer."""
     mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
     global_batch = config.train.batch_size_per_device * mesh.size
@@ -97,7 +97,7 @@ def _dinov2_step(config, workdir: str):
     return jitted, state, batch, global_batch
 
 
-def _mae_step(config, workdir: str):
+def mae_step(config, workdir: str):
     """The same for the MAE trainer (encoder on the visible patches, decoder, loss, AdamW)."""
     from medjax.mae import trainer as mae
     from medjax.mae.batches import MAEData
@@ -118,7 +118,7 @@ def _mae_step(config, workdir: str):
 
 
 def benchmark(config, steps: int, workdir: str) -> dict:
-    make = _mae_step if config.mode == "mae" else _dinov2_step
+    make = mae_step if config.mode == "mae" else dinov2_step
     jitted, state, batch, global_batch = make(config, workdir)
     rng = jax.random.PRNGKey(1)
     t0 = time.perf_counter()
@@ -151,7 +151,7 @@ def benchmark(config, steps: int, workdir: str) -> dict:
 
 def main(argv):
     del argv
-    result = benchmark(_CONFIG.value, _STEPS.value, _WORKDIR.value)
+    result = benchmark(CONFIG.value, STEPS.value, WORKDIR.value)
     for key, value in result.items():
         print(f"{key}={value:.4g}" if isinstance(value, float) else f"{key}={value}")
 

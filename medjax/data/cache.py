@@ -38,10 +38,11 @@ def encode_record(record: dict) -> bytes:
     return buffer.getvalue()
 
 
-def decode_record(data: bytes) -> dict:
+def decode_record(data: bytes, fields: tuple[str, ...] | None = None) -> dict:
+    """npz bytes -> a record dict; ``fields``: only those entries (the others are not even decompressed)."""
     with np.load(io.BytesIO(data), allow_pickle=False) as npz:
         out = {}
-        for key in npz.files:
+        for key in npz.files if fields is None else fields:
             value = npz[key]
             if value.ndim == 0:  # scalars back to Python ints / floats / strings
                 value = value.item()
@@ -123,9 +124,11 @@ def cache_is_valid(directory: str, fingerprint: dict) -> bool:
 
 
 class CachedRecords:
-    """Random-access source over a written cache; records are decoded on access."""
+    """Random-access source over a written cache; records are decoded on access, only ``fields`` of them
+    when given (pretraining reads the image alone: a third of the decoding time of a whole record)."""
 
-    def __init__(self, directory: str, *, fingerprint: dict | None = None):
+    def __init__(self, directory: str, *, fingerprint: dict | None = None, fields: tuple[str, ...] | None = None):
+        self.fields = fields
         path = os.path.join(directory, _META)
         if not os.path.exists(path):
             raise FileNotFoundError(
@@ -151,4 +154,4 @@ class CachedRecords:
         return self.meta["num_records"]
 
     def __getitem__(self, index: int) -> dict:
-        return decode_record(self._source[index])
+        return decode_record(self._source[index], self.fields)

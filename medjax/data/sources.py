@@ -179,9 +179,10 @@ def split_rows(config, manifest_path: str, split: str, *, label_columns=(), extr
 
 
 def slice_source(config, manifest_path: str, split: str, *, label_columns=(), extra_columns=(), say=None,
-                 masks=True):
+                 masks=True, fields=None):
     """The slices of one split of a manifest (through the slice cache when config.data.cache_dir is set);
-    ``masks=False``: images only, the mask_path column is neither checked nor read."""
+    ``masks=False``: images only, the mask_path column is neither checked nor read; ``fields``: the record
+    entries a cached record is decoded into (None: all)."""
     d = config.data
     options = index_options(config)
     normalisation, rows = split_rows(config, manifest_path, split, label_columns=label_columns,
@@ -191,7 +192,7 @@ def slice_source(config, manifest_path: str, split: str, *, label_columns=(), ex
                    "skip_background": d.skip_background, "labels": list(label_columns),
                    "target_spacing": list(d.target_spacing), "volume_index": d.volume_index}
     if d.cache_dir and cache_is_valid(d.cache_dir, fingerprint):
-        return CachedRecords(d.cache_dir, fingerprint=fingerprint)
+        return CachedRecords(d.cache_dir, fingerprint=fingerprint, fields=fields)
     index = SliceIndex(rows, axis=d.slice_axis, skip_background=d.skip_background, normalisation=normalisation,
                        label_columns=label_columns, skip_bad=d.skip_bad, target_spacing=tuple(d.target_spacing),
                        cache_volumes=d.volumes_in_memory, **options)
@@ -201,7 +202,7 @@ def slice_source(config, manifest_path: str, split: str, *, label_columns=(), ex
                if index.skipped["background_slices"] else ""))
     if d.cache_dir and jax.process_index() == 0:
         write_cache(index, d.cache_dir, fingerprint=fingerprint, say=say, workers=d.index_workers)
-        return CachedRecords(d.cache_dir, fingerprint=fingerprint)
+        return CachedRecords(d.cache_dir, fingerprint=fingerprint, fields=fields)
     return index
 
 
@@ -220,8 +221,9 @@ def training_source(config, workdir: str, say=None):
     slices, or as whole volumes when ``config.model.spatial_dims`` is 3. Pretraining reads images only:
     the mask_path column is neither checked nor read, so a missing or broken mask cannot stop it."""
     manifest, extra = training_manifest(config, workdir, say)
-    source = volume_source if config.model.spatial_dims == 3 else slice_source
-    return source(config, manifest, "train", extra_columns=extra, say=say, masks=False)
+    if config.model.spatial_dims == 3:
+        return volume_source(config, manifest, "train", extra_columns=extra, say=say, masks=False)
+    return slice_source(config, manifest, "train", extra_columns=extra, say=say, masks=False, fields=("image",))
 
 
 def axial_dhw(volume: np.ndarray) -> np.ndarray:

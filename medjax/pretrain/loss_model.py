@@ -111,9 +111,17 @@ def _entropy(probs: jax.Array) -> jax.Array:
 
 def teacher_targets(models, teacher, batch, centers, teacher_temp, cfg: LossConfig):
     """Teacher probabilities for the global CLS tokens and the masked patches, and new centres."""
-    out = models.backbone.apply({"params": teacher["backbone"]}, batch["global_crops"], train=False)
-    patches = _gather_masked(out["x_norm_patchtokens"], batch["mask_indices"]) if cfg.use_ibot else None
-    cls_logits, patch_logits = _heads(models, teacher, out["x_norm_clstoken"], patches)
+    with jax.named_scope("teacher_backbone"):  # the scopes name the parts in profiles (medjax.bench.step_parts)
+        out = models.backbone.apply({"params": teacher["backbone"]}, batch["global_crops"], train=False)
+        patches = _gather_masked(out["x_norm_patchtokens"], batch["mask_indices"]) if cfg.use_ibot else None
+    with jax.named_scope("teacher_heads"):
+        cls_logits, patch_logits = _heads(models, teacher, out["x_norm_clstoken"], patches)
+    return _targets(cls_logits, patch_logits, batch, centers, teacher_temp, cfg)
+
+
+@jax.named_scope("teacher_targets")
+def _targets(cls_logits, patch_logits, batch, centers, teacher_temp, cfg: LossConfig):
+    """Centred (or Sinkhorn-Knopp) teacher probabilities from the teacher's logits, and the new centres."""
     dino_center, ibot_center = centers
     valid = batch["mask_weights"] > 0 if cfg.use_ibot else None
     if cfg.centering == "softmax":
@@ -135,18 +143,29 @@ def ssl_loss(student, teacher, batch, centers, teacher_temp, rng, *, models: SSL
     (cls_probs, patch_probs), new_centers = teacher_targets(models, teacher, batch, centers, teacher_temp, cfg)
     r_global, r_local = jax.random.split(rng)
     masks = batch["masks"] if cfg.use_ibot else None
-    s_global = models.backbone.apply(
-        {"params": student["backbone"]}, batch["global_crops"], masks, train=True, rngs={"drop_path": r_global}
-    )
+    with jax.named_scope("student_global"):
+        s_global = models.backbone.apply(
+            {"params": student["backbone"]}, batch["global_crops"], masks, train=True, rngs={"drop_path": r_global}
+        )
+        patches = _gather_masked(s_global["x_norm_patchtokens"], batch["mask_indices"]) if cfg.use_ibot else None
     cls_rows = [s_global["x_norm_clstoken"]]
     if cfg.n_local:
-        s_local = models.backbone.apply(
-            {"params": student["backbone"]}, batch["local_crops"], train=True, rngs={"drop_path": r_local}
-        )
+        with jax.named_scope("student_local"):
+            s_local = models.backbone.apply(
+                {"params": student["backbone"]}, batch["local_crops"], train=True, rngs={"drop_path": r_local}
+            )
         cls_rows.append(s_local["x_norm_clstoken"])
-    patches = _gather_masked(s_global["x_norm_patchtokens"], batch["mask_indices"]) if cfg.use_ibot else None
-    cls_logits, patch_logits = _heads(models, student, jnp.concatenate(cls_rows), patches)
-    n_global_rows = s_global["x_norm_clstoken"].shape[0]
+    with jax.named_scope("student_heads"):
+        cls_logits, patch_logits = _heads(models, student, jnp.concatenate(cls_rows), patches)
+    with jax.named_scope("losses"):
+        return _student_loss(cls_logits, patch_logits, s_global["x_norm_clstoken"], cls_probs, patch_probs,
+                             new_centers, batch, cfg)
+
+
+def _student_loss(cls_logits, patch_logits, global_cls, cls_probs, patch_probs, new_centers, batch,
+                  cfg: LossConfig):
+    """The weighted DINO + iBOT + KoLeo loss of the student's logits against the teacher's targets."""
+    n_global_rows = global_cls.shape[0]
     dino_terms = dino.dino_loss(
         cls_logits[:n_global_rows],
         cls_logits[n_global_rows:],
@@ -168,7 +187,7 @@ def ssl_loss(student, teacher, batch, centers, teacher_temp, rng, *, models: SSL
         metrics["ibot_loss"] = cfg.ibot_weight * ibot_value
         loss = loss + metrics["ibot_loss"]
     if cfg.koleo_weight > 0:
-        koleo_value = koleo.koleo_term(s_global["x_norm_clstoken"], cfg.n_global, cfg.koleo_group_size)
+        koleo_value = koleo.koleo_term(global_cls, cfg.n_global, cfg.koleo_group_size)
         metrics["koleo_loss"] = cfg.koleo_weight * koleo_value
         loss = loss + metrics["koleo_loss"]
     metrics["teacher_entropy"] = jnp.mean(_entropy(cls_probs))

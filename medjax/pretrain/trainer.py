@@ -129,28 +129,30 @@ def make_train_step(models, config, schedules, rules: optim.ParamRules, adam, lo
         (loss, (metrics, (dino_center, ibot_center))), grads = grad_fn(
             state.student, state.teacher, batch, centers, hp["teacher_temp"], step_rng
         )
-        grads, grad_norm = optim.clip_per_module(grads, clip)
         frozen = state.step < warmup_steps  # head warm-up: the backbone neither moves nor gathers Adam moments
-        if warmup_steps:
-            grads = {**grads, "backbone": jax.tree.map(lambda g: jnp.where(frozen, 0.0, g), grads["backbone"])}
-        adam_updates, opt_state = adam.update(grads, state.opt_state)
-        student = optim.adamw_step(
-            state.student,
-            adam_updates,
-            rules,
-            lr=hp["lr"],
-            last_layer_lr=hp["last_layer_lr"],
-            weight_decay=hp["weight_decay"],
-        )
+        with jax.named_scope("optimizer"):
+            grads, grad_norm = optim.clip_per_module(grads, clip)
+            if warmup_steps:
+                grads = {**grads, "backbone": jax.tree.map(lambda g: jnp.where(frozen, 0.0, g), grads["backbone"])}
+            adam_updates, opt_state = adam.update(grads, state.opt_state)
+            student = optim.adamw_step(
+                state.student,
+                adam_updates,
+                rules,
+                lr=hp["lr"],
+                last_layer_lr=hp["last_layer_lr"],
+                weight_decay=hp["weight_decay"],
+            )
+            if warmup_steps:
+                student = {**student, "backbone": jax.tree.map(lambda new, old: jnp.where(frozen, old, new),
+                                                               student["backbone"], state.student["backbone"])}
         m = hp["teacher_momentum"]
-        if warmup_steps:
-            student = {**student, "backbone": jax.tree.map(lambda new, old: jnp.where(frozen, old, new),
-                                                           student["backbone"], state.student["backbone"])}
         # The teacher follows the updated student (official order: optimizer step, then EMA); during the
         # head warm-up its heads are the student's (the fresh heads have no history worth averaging).
         head_m = jnp.where(frozen, 0.0, m)
-        teacher = {part: _ema(state.teacher[part], student[part], m if part == "backbone" else head_m)
-                   for part in student}
+        with jax.named_scope("teacher_ema"):
+            teacher = {part: _ema(state.teacher[part], student[part], m if part == "backbone" else head_m)
+                       for part in student}
         finite = jnp.isfinite(loss) & jnp.isfinite(optax.global_norm(student))
         metrics = {
             **metrics,

@@ -30,6 +30,9 @@ def test_cache_equals_its_source_over_several_shards(tmp_path):
         np.testing.assert_array_equal(got["image"], want["image"])
         np.testing.assert_array_equal(got["mask"], want["mask"])
         assert got["label"] == want["label"] and got["patient_id"] == want["patient_id"]
+    images_only = CachedRecords(str(tmp_path), fingerprint=fingerprint, fields=("image",))  # as pretraining reads
+    assert set(images_only[7]) == {"image"}
+    np.testing.assert_array_equal(images_only[7]["image"], source[7]["image"])
 
 
 def test_stale_or_missing_cache_is_refused(tmp_path):
@@ -83,3 +86,16 @@ def test_shards_written_by_two_processes_equal_the_source(tmp_path):
     for i in range(6):
         np.testing.assert_array_equal(cached[i]["image"], source[i]["image"])
         assert cached[i]["patient_id"] == source[i]["patient_id"]
+
+
+def test_pretraining_decodes_only_the_image_of_a_cached_slice(tmp_path):
+    from medjax.data.sources import training_source
+    from tests.helpers import smoke_config
+
+    config = smoke_config()
+    config.data.cache_dir = str(tmp_path / "slice_cache")
+    written = training_source(config, str(tmp_path))  # writes the demo data and the cache
+    reread = training_source(config, str(tmp_path))
+    assert isinstance(reread, CachedRecords) and len(reread) == len(written)
+    assert set(reread[3]) == {"image"}
+    np.testing.assert_array_equal(reread[3]["image"], CachedRecords(config.data.cache_dir)[3]["image"])
