@@ -57,7 +57,9 @@ def recipe(*, registers: int, ibot: bool = True, koleo: bool = True) -> ml_colle
     c.model.interpolate_antialias = registers > 0
     c.model.interpolate_offset = 0.0 if registers > 0 else 0.1  # offset added before resizing the position table
     c.model.dtype = "float32"  # compute dtype: float32 | bfloat16 (params stay float32)
-    c.model.remat = False  # recompute block activations in the backward pass (less memory, more time)
+    # Recompute block activations in the backward pass: less memory on accelerators, more time. On a CPU
+    # it saves no memory (XLA:CPU runs the recomputation early; BUILD_NOTES.md, "Memory").
+    c.model.remat = False
     # Official DINOv2 backbone weights (.pth/.npz/.safetensors) to start student and teacher from
     # (continued pretraining); the model settings above must match their architecture. "" = random init.
     c.model.init_weights = ""

@@ -55,7 +55,7 @@ def recipe() -> ml_collections.ConfigDict:
     c.model.interpolate_antialias = False  # antialiased resizing of the position table
     c.model.interpolate_offset = 0.1  # offset added before resizing the position table
     c.model.dtype = "float32"  # compute dtype: float32 | bfloat16 (params and the loss stay float32)
-    c.model.remat = False  # recompute block activations in the backward pass (less memory, more time)
+    c.model.remat = False  # recompute block activations in the backward pass (see configs/dinov2_reg.py)
     # Official MAE weights (.pth/.npz/.safetensors: a full MaskedAutoencoderViT, or an encoder-only
     # mae_pretrain_vit_*.pth whose decoder then starts fresh) to continue pretraining from; "" = random init.
     c.model.init_weights = ""

@@ -101,13 +101,10 @@ def _pick_attention_impl(q: Array) -> Optional[str]:
 
 
 def _matmul_attention(q: Array, k: Array, v: Array, scale: float) -> Array:
-    """softmax(q k^T * scale) v over (B, N, heads, head_dim) inputs, as the reference computes it.
-
-    Written as einsums on the token-major layout, so XLA picks the operand layouts of the batched
-    products itself instead of materialising head-major copies of q, k, v and the output.
-    """
-    attn = jax.nn.softmax(jnp.einsum("bqhd,bkhd->bhqk", q, k) * scale, axis=-1)
-    return jnp.einsum("bhqk,bkhd->bqhd", attn, v)
+    """softmax(q k^T * scale) v over (B, N, heads, head_dim) inputs, as the reference computes it."""
+    q, k, v = (jnp.swapaxes(t, 1, 2) for t in (q, k, v))  # (B, heads, N, head_dim)
+    attn = jax.nn.softmax((q @ jnp.swapaxes(k, -1, -2)) * scale, axis=-1)
+    return jnp.swapaxes(attn @ v, 1, 2)
 
 
 def gelu(x: Array) -> Array:
