@@ -288,8 +288,10 @@ def test_train_mode_uses_drop_path():
     x, noise = jnp.asarray(f["x_nhwc"]), jnp.asarray(f["noise"])
     fn = jax.jit(lambda k: model.apply({"params": params}, x, noise=noise, mask_ratio=0.6, train=True,
                                        rngs={"drop_path": k})["loss"])
-    assert float(fn(jax.random.PRNGKey(3))) == float(fn(jax.random.PRNGKey(3)))
-    assert float(fn(jax.random.PRNGKey(3))) != float(fn(jax.random.PRNGKey(4))) != float(f["loss"])
+    loss = float(fn(jax.random.PRNGKey(3)))
+    assert loss == float(fn(jax.random.PRNGKey(3))) and loss != float(f["loss"])
+    # a small batch at rate 0.5: two keys may pick the same samples by chance, three others will not all
+    assert any(float(fn(jax.random.PRNGKey(k))) != loss for k in (4, 5, 6))
 
 
 def test_bad_inputs_raise_value_errors_naming_the_value():

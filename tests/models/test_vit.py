@@ -151,9 +151,11 @@ def test_drop_path_identity_in_eval_and_stochastic_in_training():
     jaxpr = lambda m: str(jax.make_jaxpr(lambda p: m.apply(p, x, masks, train=False))(params))  # noqa: E731
     assert jaxpr(model) == jaxpr(ref_model)
     fn = jax.jit(lambda p, key: model.apply(p, x, masks, train=True, rngs={"drop_path": key})["x_prenorm"])
-    a, b, c = (fn(params, jax.random.PRNGKey(k)) for k in (3, 3, 4))
+    a, b = (fn(params, jax.random.PRNGKey(k)) for k in (3, 3))
     np.testing.assert_array_equal(a, b)
-    assert max_diff(a, c) > 1e-3 and max_diff(a, data["out/x_prenorm"]) > 1e-3
+    # 2 images at rate 0.5: each branch runs on one of them, so two keys may draw the same ones by chance
+    assert max(max_diff(a, fn(params, jax.random.PRNGKey(k))) for k in (4, 5, 6)) > 1e-3
+    assert max_diff(a, data["out/x_prenorm"]) > 1e-3
     for uniform, want in ((False, [0.0, 0.2, 0.4]), (True, [0.4] * 3)):
         m = VisionTransformer(img_size=28, embed_dim=24, depth=3, num_heads=2, drop_path_rate=0.4,
                               drop_path_uniform=uniform)
