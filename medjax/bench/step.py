@@ -55,7 +55,7 @@ def step_flops(compiled) -> float:
     return float(analysis.get("flops", float("nan"))) if analysis else float("nan")
 
 
-def step_memory_mb(compiled) -> dict:
+def step_memory_mib(compiled) -> dict:
     """XLA's own accounting of the compiled step's buffers, in MiB (deterministic, unlike resident memory):
     the arguments (train state + batch), the outputs, and the temporaries (activations kept for the
     backward pass, gradients, workspace) that the step needs on top of them at its peak."""
@@ -144,7 +144,7 @@ def benchmark(config, steps: int, workdir: str) -> dict:
         "matmul_peak_gflops": peak / 1e9,
         "fraction_of_peak": flops / sec / peak,
         "loss": float(metrics["loss"]),
-        **step_memory_mb(compiled),
+        **step_memory_mib(compiled),
         "peak_resident_mib": peak_rss,
     }
 

@@ -53,9 +53,8 @@ def _dims(text: str) -> list[int]:
     return [int(d) for d in text.split(",") if d]
 
 
-def hlo_parts(hlo_text: str) -> tuple[dict, dict, dict]:
-    """({part: dot/conv FLOPs}, {instruction name: part}, {instruction name: (shape, op_name)}) of a
-    compiled module's HLO text."""
+def hlo_parts(hlo_text: str) -> tuple[dict, dict]:
+    """({part: dot/conv FLOPs}, {instruction name: (shape, op_name)}) of a compiled module's HLO text."""
     shapes, rows = {}, []
     for line in hlo_text.splitlines():
         m = _INSTRUCTION.match(line)
@@ -65,10 +64,9 @@ def hlo_parts(hlo_text: str) -> tuple[dict, dict, dict]:
         shapes[name] = _dims(dims)
         op_name = re.search(r'op_name="([^"]*)"', line)
         rows.append((name, opcode, _dims(dims), operands, line, op_name.group(1) if op_name else ""))
-    flops, part_by_instruction, source = collections.Counter(), {}, {}
+    flops, source = collections.Counter(), {}
     for name, opcode, out_dims, operands, line, op_name in rows:
         part = part_of(op_name)
-        part_by_instruction[name] = part
         source[name] = (f"{opcode}{out_dims}", op_name)
         names = [o.strip().split(" ")[-1].lstrip("%") for o in operands.split(",")]
         if opcode == "dot":
@@ -79,19 +77,19 @@ def hlo_parts(hlo_text: str) -> tuple[dict, dict, dict]:
         elif opcode == "convolution":
             kernel = shapes.get(names[1], [1])
             flops[part] += 2 * math.prod(out_dims) * math.prod(kernel) // max(out_dims[-1], 1)
-    return dict(flops), part_by_instruction, source
+    return dict(flops), source
 
 
-def thunk_times(trace_dir: str, part_by_instruction: dict, steps: int) -> tuple[dict, dict]:
+def thunk_times(trace_dir: str, source: dict, steps: int) -> tuple[dict, dict]:
     """({(part, 'matmul' | 'other'): ms per step}, {instruction: ms per step}) summed over the thunks."""
     path = sorted(glob.glob(os.path.join(trace_dir, "plugins", "profile", "*", "perfetto_trace.json.gz")))[-1]
     with gzip.open(path) as f:
         events = json.load(f)["traceEvents"]
     times, by_instruction = collections.Counter(), collections.Counter()
     for event in events:
-        part = part_by_instruction.get(event.get("name"))
-        if event.get("ph") != "X" or part is None:
+        if event.get("ph") != "X" or event.get("name") not in source:
             continue
+        part = part_of(source[event["name"]][1])
         kind = "matmul" if event["name"].startswith(("ynn_fusion", "dot", "convolution")) else "other"
         ms = event.get("dur", 0) / 1e3 / steps
         times[(part, kind)] += ms
@@ -107,7 +105,7 @@ def main(argv):
     jitted, state, batch, _ = dinov2_step(config, WORKDIR.value)
     rng = jax.random.PRNGKey(1)
     compiled = jitted.lower(state, batch, rng).compile()
-    flops, part_by_instruction, source = hlo_parts(compiled.as_text())
+    flops, source = hlo_parts(compiled.as_text())
     total = step_flops(compiled)
     times, by_instruction = {}, {}
     if jax.default_backend() == "cpu":
@@ -118,7 +116,7 @@ def main(argv):
             for _ in range(STEPS.value):
                 state, metrics = compiled(state, batch, rng)
             jax.block_until_ready(metrics)
-        times, by_instruction = thunk_times(trace_dir, part_by_instruction, STEPS.value)
+        times, by_instruction = thunk_times(trace_dir, source, STEPS.value)
         print(f"profile: {trace_dir}")
     parts = sorted(set(flops) | {p for p, _ in times}, key=lambda p: -flops.get(p, 0))
     summed = sum(times.values()) or float("nan")

@@ -3,7 +3,7 @@
 import jax
 import pytest
 
-from medjax.bench.step import dinov2_step, step_flops, step_memory_mb
+from medjax.bench.step import dinov2_step, step_flops, step_memory_mib
 from medjax.bench.step_parts import hlo_parts, part_of
 from tests.helpers import smoke_config
 
@@ -25,7 +25,7 @@ def vit_forward_matmul_flops(images: int, tokens: int, patches: int, dim: int, d
 
 def test_teacher_forward_flops_equal_the_hand_count(compiled_smoke_step):
     config, compiled, _, _ = compiled_smoke_step
-    flops, part_by_instruction, _ = hlo_parts(compiled.as_text())
+    flops, source = hlo_parts(compiled.as_text())
     m, c = config.model, config.crops
     grid = (c.global_size // m.patch_size) ** 2
     want = vit_forward_matmul_flops(images=c.n_global * config.train.batch_size_per_device,
@@ -34,7 +34,7 @@ def test_teacher_forward_flops_equal_the_hand_count(compiled_smoke_step):
     assert flops["teacher_backbone"] == want
     # every named part of the step is found, and its matmuls are no more than XLA's count of everything
     assert {"student_global", "student_local", "student_heads", "teacher_heads", "student_global (backward)"} <= set(flops)
-    assert {"optimizer", "teacher_ema", "losses"} <= set(part_by_instruction.values())
+    assert {"optimizer", "teacher_ema", "losses"} <= {part_of(op_name) for _, op_name in source.values()}
     assert sum(flops.values()) <= step_flops(compiled)
 
 
@@ -47,7 +47,7 @@ def test_part_names_follow_the_scopes():
 
 def test_memory_figures_count_the_state_and_batch(compiled_smoke_step):
     _, compiled, state, batch = compiled_smoke_step
-    figures = step_memory_mb(compiled)
+    figures = step_memory_mib(compiled)
     leaves = jax.tree.leaves((state, batch)) + [jax.random.PRNGKey(1)]
     assert figures["state_and_batch_mib"] == pytest.approx(sum(x.nbytes for x in leaves) / 2**20, rel=0.01)
     assert figures["temporaries_mib"] > 0
