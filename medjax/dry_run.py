@@ -112,16 +112,16 @@ def describe_data(config, workdir: str, say=console.say) -> int:
 # ---------------------------------------------------------------- schedule and time
 
 
-def _time_steps(step_fn, state, batch, rng) -> tuple[float, float]:
+def _time_steps(step_fn, state, batch, inputs: tuple) -> tuple[float, float]:
     """``(compile seconds, seconds per step)`` of a jitted train step on one real batch."""
     t0 = time.perf_counter()
-    compiled = step_fn.lower(state, batch, rng).compile()
+    compiled = step_fn.lower(state, batch, *inputs).compile()
     compile_s = time.perf_counter() - t0
-    state, metrics = compiled(state, batch, rng)  # warm-up: first execution allocates
+    state, metrics = compiled(state, batch, *inputs)  # warm-up: first execution allocates
     jax.block_until_ready(metrics)
     t0 = time.perf_counter()
     for _ in range(TIMED_STEPS):
-        state, metrics = compiled(state, batch, rng)
+        state, metrics = compiled(state, batch, *inputs)
     jax.block_until_ready((state, metrics))
     return compile_s, (time.perf_counter() - t0) / TIMED_STEPS
 
@@ -157,7 +157,7 @@ def _pretraining_schedule(config, workdir: str, say) -> dict:
     try:
         built = build()
         batch = data.next_batch()
-        compile_s, per_step = _time_steps(built.step_fn, built.state, batch, built.step_rng)
+        compile_s, per_step = _time_steps(built.step_fn, built.state, batch, built.step_inputs)
     finally:
         data.close()
     return {"stop": stop, "compile_s": compile_s, "per_step": per_step, "global_batch": global_batch,

@@ -2,19 +2,47 @@
 
 The official DINOv2 code precomputes numpy arrays with its ``CosineScheduler``
 (freeze phase of zeros, linear warm-up, half-cosine from ``base`` to ``final``,
-and ``final`` after the last iteration). ``cosine_schedule`` computes the same
+and ``final`` after the last iteration). ``CosineSchedule`` computes the same
 value in closed form with jnp so the train step needs no host lookups and no
 large constants.
+
+The schedules are pytrees whose numbers are leaves, so a jitted step takes them
+as an argument rather than baking them in as constants: runs that differ only
+in schedule values (a learning-rate sweep, a longer run, a resumed run with a
+new ``base_lr``) share one compiled program, and JAX's compilation cache serves
+it to all of them.
 """
 
 from __future__ import annotations
 
 import dataclasses
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
 
+def _numbers_are_leaves(cls):
+    """Registers a frozen schedule dataclass as a pytree whose fields are all leaves. Rebuilding one from
+    (possibly traced) leaves skips ``__init__``: its checks ran when the schedule was built from numbers."""
+    names = tuple(f.name for f in dataclasses.fields(cls))
+
+    def unflatten(_, leaves):
+        schedule = object.__new__(cls)
+        for name, value in zip(names, leaves):
+            object.__setattr__(schedule, name, value)
+        return schedule
+
+    jax.tree_util.register_pytree_node(cls, lambda s: ([getattr(s, n) for n in names], None), unflatten)
+    return cls
+
+
+def as_step_input(schedules):
+    """``schedules`` with every number an array (float32, int32): what a jitted step takes as its argument."""
+    return jax.tree.map(jnp.asarray, schedules)
+
+
+@_numbers_are_leaves
 @dataclasses.dataclass(frozen=True)
 class CosineSchedule:
     """Linear warm-up from ``start_warmup`` to ``base``, then half-cosine ``base`` -> ``final``."""
@@ -33,13 +61,13 @@ class CosineSchedule:
             )
 
     def __call__(self, step):
-        """Value at ``step`` (int or traced int array); float32."""
+        """Value at ``step`` (int or traced int array); float32. The fields may be numbers or arrays."""
         step = jnp.asarray(step, jnp.float32)
-        warm = float(self.warmup_steps)
-        cosine_len = float(self.total_steps - self.warmup_steps)
+        warm = jnp.asarray(self.warmup_steps, jnp.float32)
+        cosine_len = jnp.asarray(self.total_steps, jnp.float32) - warm
         # np.linspace(start, base, warm) reaches ``base`` on its last warm-up step.
-        warm_value = self.start_warmup + (self.base - self.start_warmup) * step / max(warm - 1.0, 1.0)
-        t = (step - warm) / max(cosine_len, 1.0)
+        warm_value = self.start_warmup + (self.base - self.start_warmup) * step / jnp.maximum(warm - 1.0, 1.0)
+        t = (step - warm) / jnp.maximum(cosine_len, 1.0)
         cos_value = self.final + 0.5 * (self.base - self.final) * (1.0 + jnp.cos(jnp.pi * t))
         value = jnp.where(step < warm, warm_value, cos_value)
         return jnp.where(step >= self.total_steps, self.final, value).astype(jnp.float32)
@@ -73,6 +101,7 @@ class HalfCycleCosine:
         return jnp.where(step < warm, warm_value, cos_value).astype(jnp.float32)
 
 
+@_numbers_are_leaves
 @dataclasses.dataclass(frozen=True)
 class PretrainSchedules:
     """All schedules of a DINOv2 run, built from the config's epochs and epoch length."""

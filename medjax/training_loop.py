@@ -41,11 +41,11 @@ class LoopResult:
     minutes: float
 
 
-def run_steps(config, workdir: str, *, state, step_fn, step_rng, data, ckpt, meta: dict, reporter, start: int,
+def run_steps(config, workdir: str, *, state, step_fn, step_inputs: tuple, data, ckpt, meta: dict, reporter, start: int,
               stop_step: int, evaluator, backbone_params: Callable, title: str,
               on_plot: Callable | None = None, watch=None) -> LoopResult:
     """Steps ``start`` .. ``stop_step`` of ``config.train``'s schedule; closes the checkpointer, the reporter
-    and the data when it ends. ``backbone_params(state)`` is what the evaluator scores; ``on_plot(state,
+    and the data when it ends. ``step_fn(state, batch, *step_inputs)`` is one step. ``backbone_params(state)`` is what the evaluator scores; ``on_plot(state,
     step)`` draws a trainer's own pictures beside the training overview (process 0); ``watch.check(step, row)``
     (e.g. ``pretrain.collapse.CollapseWatch``) may add scalars to each logged row and a note to its progress line."""
     is_main = jax.process_index() == 0
@@ -53,7 +53,7 @@ def run_steps(config, workdir: str, *, state, step_fn, step_rng, data, ckpt, met
     t_start, pending, last, final_table = time.perf_counter(), [], {}, ""
     try:
         for step in range(start, stop_step):
-            state, metrics = step_fn(state, data.next_batch(), step_rng)
+            state, metrics = step_fn(state, data.next_batch(), *step_inputs)
             pending.append((step, metrics))
             done = step + 1
             is_ckpt = done % config.train.checkpoint_every == 0 or done == stop_step

@@ -26,7 +26,7 @@ import numpy as np  # noqa: E402
 from medjax import sharding  # noqa: E402
 from tests.phantom import DemoSlices  # noqa: E402
 from medjax.objectives import dino, ibot, koleo  # noqa: E402
-from medjax.schedules import pretrain_schedules  # noqa: E402
+from medjax.schedules import as_step_input, pretrain_schedules  # noqa: E402
 from medjax import optim  # noqa: E402
 from medjax.pretrain.trainer import init_sharded_state, jit_train_step, make_train_step  # noqa: E402
 from medjax.pretrain.batches import BatchPlacer, pretrain_iterator  # noqa: E402
@@ -83,11 +83,11 @@ def run(config, batches, data: int, fsdp: int, initial=None):
                                          layerwise_decay=config.optim.layerwise_decay,
                                          patch_embed_lr_mult=config.optim.patch_embed_lr_mult)
     place = BatchPlacer(mesh, n_global=config.crops.n_global, n_local=config.crops.n_local)
-    step = jit_train_step(make_train_step(models, config, pretrain_schedules(config, GLOBAL_BATCH), rules, adam),
-                          shardings, place.shardings, mesh)
+    step = jit_train_step(make_train_step(models, config, rules, adam), shardings, place.shardings, mesh)
+    schedules = as_step_input(pretrain_schedules(config, GLOBAL_BATCH))
     metrics = []
     for batch in batches:
-        state, m = step(state, place(batch), step_rng)
+        state, m = step(state, place(batch), step_rng, schedules)
         metrics.append({k: float(v) for k, v in jax.device_get(m).items()})
     split = sum(any(a is not None for a in s.spec) for s in jax.tree.leaves(shardings))
     assert all(s.spec == leaf.sharding.spec for s, leaf in zip(jax.tree.leaves(shardings), jax.tree.leaves(state)))

@@ -28,7 +28,7 @@ import orbax.checkpoint as ocp
 from medjax import sharding
 from medjax.data.masking import mask_index_arrays
 from medjax.reporting import read_metrics
-from medjax.schedules import pretrain_schedules
+from medjax.schedules import as_step_input, pretrain_schedules
 from medjax import optim
 from medjax.pretrain.trainer import init_sharded_state, jit_train_step, make_train_step
 from medjax.data.sources import training_source
@@ -90,13 +90,12 @@ def main(workdir, out_path):
     # KoLeo per device: in the two-process run each process's 4 images of a crop are one neighbour pool;
     # the merged batch holds them as consecutive rows, so the same pools are groups of `per_process`.
     loss_cfg = dataclasses.replace(LossConfig.from_config(config), koleo_group_size=per_process)
-    step = jit_train_step(make_train_step(models, config, pretrain_schedules(config, global_batch), rules, adam,
-                                          loss_cfg),
-                          shardings, place.shardings, mesh)
+    step = jit_train_step(make_train_step(models, config, rules, adam, loss_cfg), shardings, place.shardings, mesh)
+    schedules = as_step_input(pretrain_schedules(config, global_batch))
     losses = []
     for _ in range(STEPS):
         batch = merge([next(s) for s in streams], config.crops.n_global, config.crops.n_local)
-        state, metrics = step(state, place(batch), step_rng)
+        state, metrics = step(state, place(batch), step_rng, schedules)
         losses.append({k: float(v) for k, v in jax.device_get(metrics).items() if k.endswith("loss")})
 
     logged = {row["step"]: row for row in read_metrics(os.path.join(workdir, "metrics.jsonl"))}

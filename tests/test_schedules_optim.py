@@ -9,7 +9,7 @@ import numpy as np
 import optax
 import pytest
 
-from medjax.schedules import CosineSchedule, PretrainSchedules, scaled_lr
+from medjax.schedules import CosineSchedule, PretrainSchedules, as_step_input, scaled_lr
 from medjax import optim
 from medjax.pretrain.loss_model import init_params
 from tests.helpers import smoke_config
@@ -25,20 +25,34 @@ def ref():
     return np.load(FIXTURE)
 
 
-def test_schedules_match_reference_cosine_scheduler(ref):
-    total = EPOCHS * EPOCH_LEN
-    lr = CosineSchedule(LR, MIN_LR, total, warmup_steps=WARMUP * EPOCH_LEN)
-    sched = PretrainSchedules(
-        lr=lr,
+def reference_schedules(lr=LR, epochs=EPOCHS) -> PretrainSchedules:
+    total = epochs * EPOCH_LEN
+    return PretrainSchedules(
+        lr=CosineSchedule(lr, MIN_LR, total, warmup_steps=WARMUP * EPOCH_LEN),
         freeze_last_layer_steps=EPOCH_LEN,
         weight_decay=CosineSchedule(0.04, 0.4, total),
         teacher_momentum=CosineSchedule(0.992, 1.0, total),
         teacher_temp=CosineSchedule(0.07, 0.07, 3 * EPOCH_LEN, warmup_steps=3 * EPOCH_LEN, start_warmup=0.04),
     )
-    steps = jnp.arange(total + 3)
-    values = jax.vmap(sched.values)(steps)
-    for name, got in values.items():
-        np.testing.assert_allclose(np.asarray(got), ref[name], rtol=1e-6, atol=1e-9, err_msg=name)
+
+
+def test_schedules_match_reference_cosine_scheduler(ref):
+    steps = jnp.arange(EPOCHS * EPOCH_LEN + 3)
+    sched = reference_schedules()
+    baked = jax.vmap(sched.values)(steps)  # numbers as constants
+    as_input = jax.jit(jax.vmap(lambda s, step: s.values(step), in_axes=(None, 0)))(as_step_input(sched), steps)
+    for name in ref.files:
+        if name in baked:
+            np.testing.assert_allclose(np.asarray(baked[name]), ref[name], rtol=1e-6, atol=1e-9, err_msg=name)
+            np.testing.assert_allclose(np.asarray(as_input[name]), ref[name], rtol=1e-6, atol=1e-9, err_msg=name)
+
+
+def test_schedule_values_are_inputs_of_the_compiled_step_not_constants():
+    """A run with another learning rate or length reuses the compiled step (and JAX's compilation cache)."""
+    values = jax.jit(lambda s: s.values(jnp.int32(3)))
+    a, b = as_step_input(reference_schedules()), as_step_input(reference_schedules(lr=0.5, epochs=1000))
+    assert values.lower(a).as_text() == values.lower(b).as_text()
+    assert float(values(b)["lr"]) != float(values(a)["lr"])
 
 
 def test_lr_scaling_rules():

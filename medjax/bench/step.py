@@ -27,7 +27,7 @@ from medjax.models.backbone import DTYPES
 from medjax.pretrain.batches import PretrainData
 from medjax.pretrain.loss_model import build_models
 from medjax.pretrain.trainer import init_sharded_state, jit_train_step, make_train_step
-from medjax.schedules import pretrain_schedules
+from medjax.schedules import as_step_input, pretrain_schedules
 
 CONFIG = config_flags.DEFINE_config_file("config", "configs/dinov2_reg.py:bench", "Pretraining config.")
 STEPS = flags.DEFINE_integer("steps", 20, "Timed steps.")
@@ -77,7 +77,8 @@ def peak_resident_mib() -> float:
 
 
 def dinov2_step(config, workdir: str):
-    """(compiled-able jitted step, state, batch, rng, global batch) of the DINOv2 trainer."""
+    """``(jitted step, state, batch, inputs, global batch)`` of the DINOv2 trainer: one step is
+    ``jitted(state, batch, *inputs)``."""
     mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
     global_batch = config.train.batch_size_per_device * mesh.size
     models = build_models(config)
@@ -92,9 +93,10 @@ def dinov2_step(config, workdir: str):
     data = PretrainData(config, mesh, workdir)
     batch = data.next_batch()
     data.close()
-    step = make_train_step(models, config, pretrain_schedules(config, global_batch), rules, adam)
-    jitted = jit_train_step(step, state_shardings, data.shardings, mesh)  # exactly the trainer's layout
-    return jitted, state, batch, global_batch
+    jitted = jit_train_step(make_train_step(models, config, rules, adam), state_shardings, data.shardings,
+                            mesh)  # exactly the trainer's layout
+    inputs = (jax.random.PRNGKey(1), as_step_input(pretrain_schedules(config, global_batch)))
+    return jitted, state, batch, inputs, global_batch
 
 
 def mae_step(config, workdir: str):
@@ -114,22 +116,21 @@ def mae_step(config, workdir: str):
     batch = data.next_batch()
     data.close()
     jitted = mae.jit_train_step(mae.make_train_step(model, config, tx, lr), state_shardings, data.shardings, mesh)
-    return jitted, state, batch, global_batch
+    return jitted, state, batch, (jax.random.PRNGKey(1),), global_batch
 
 
 def benchmark(config, steps: int, workdir: str) -> dict:
     make = mae_step if config.mode == "mae" else dinov2_step
-    jitted, state, batch, global_batch = make(config, workdir)
-    rng = jax.random.PRNGKey(1)
+    jitted, state, batch, inputs, global_batch = make(config, workdir)
     t0 = time.perf_counter()
-    compiled = jitted.lower(state, batch, rng).compile()
+    compiled = jitted.lower(state, batch, *inputs).compile()
     compile_s = time.perf_counter() - t0
     flops = step_flops(compiled)
-    state, metrics = compiled(state, batch, rng)  # warm-up call
+    state, metrics = compiled(state, batch, *inputs)  # warm-up call
     jax.block_until_ready(metrics)
     t0 = time.perf_counter()
     for _ in range(steps):
-        state, metrics = compiled(state, batch, rng)
+        state, metrics = compiled(state, batch, *inputs)
     jax.block_until_ready(metrics)
     sec = (time.perf_counter() - t0) / steps
     peak_rss = peak_resident_mib()  # before the matmul probe below allocates its own arrays

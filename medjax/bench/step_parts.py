@@ -102,19 +102,18 @@ def main(argv):
     config = CONFIG.value
     if config.mode != "pretrain":
         raise app.UsageError("step_parts reads the DINOv2 step's named parts; give a DINOv2 config.")
-    jitted, state, batch, _ = dinov2_step(config, WORKDIR.value)
-    rng = jax.random.PRNGKey(1)
-    compiled = jitted.lower(state, batch, rng).compile()
+    jitted, state, batch, inputs, _ = dinov2_step(config, WORKDIR.value)
+    compiled = jitted.lower(state, batch, *inputs).compile()
     flops, source = hlo_parts(compiled.as_text())
     total = step_flops(compiled)
     times, by_instruction = {}, {}
     if jax.default_backend() == "cpu":
-        state, metrics = compiled(state, batch, rng)  # warm-up
+        state, metrics = compiled(state, batch, *inputs)  # warm-up
         jax.block_until_ready(metrics)
         trace_dir = _TRACE_DIR.value or tempfile.mkdtemp(prefix="medjax_step_trace_")
         with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
             for _ in range(STEPS.value):
-                state, metrics = compiled(state, batch, rng)
+                state, metrics = compiled(state, batch, *inputs)
             jax.block_until_ready(metrics)
         times, by_instruction = thunk_times(trace_dir, source, STEPS.value)
         print(f"profile: {trace_dir}")

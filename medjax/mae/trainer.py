@@ -122,6 +122,11 @@ class Trainable:
     step_fn: Any
     step_rng: jax.Array
 
+    @property
+    def step_inputs(self) -> tuple:
+        """What ``step_fn(state, batch, *step_inputs)`` takes after the state and the batch."""
+        return (self.step_rng,)
+
 
 def build(config, mesh, global_batch: int, epoch_length: int, batch_shardings: dict, *,
           load_weights: bool = True) -> Trainable:
@@ -157,7 +162,7 @@ def run(config, workdir: str) -> dict:
     for warning in schedule_check.absurd_schedule(total_steps, global_batch, len(data.source), steps_from(config)):
         console.warn(warning)
     built = build(config, mesh, global_batch, epoch_length, data.shardings)
-    model, lr, state, step_fn, step_rng = built.model, built.lr, built.state, built.step_fn, built.step_rng
+    model, lr, state, step_fn = built.model, built.lr, built.state, built.step_fn
     ckpt = checkpoint.Checkpointer(workdir, max_to_keep=config.train.keep_checkpoints)
     meta = resume_guard.run_meta(config, checkpoint.tree_fingerprint(state.params), global_batch)
     state, start = training_loop.resume(ckpt, state, data, meta, total_steps,
@@ -174,7 +179,7 @@ def run(config, workdir: str) -> dict:
     pictures = Reconstructions(config, model, workdir) if is_main and config.train.reconstructions else None
     on_plot = (lambda s, step: pictures.draw(checkpoint.host_arrays(s.params), step)) if pictures else None
     result = training_loop.run_steps(
-        config, workdir, state=state, step_fn=step_fn, step_rng=step_rng, data=data, ckpt=ckpt, meta=meta,
+        config, workdir, state=state, step_fn=step_fn, step_inputs=built.step_inputs, data=data, ckpt=ckpt, meta=meta,
         reporter=reporter, start=start, stop_step=stop_step, evaluator=evaluator,
         backbone_params=lambda s: s.params["encoder"], title=_title(config), on_plot=on_plot)
     last, final_table = result.last, result.final_table

@@ -1,7 +1,8 @@
 """DINOv2 pretraining: train state, the jitted step, and the loop (log, plot, checkpoint, resume).
 
 Read top to bottom: ``PretrainState`` -> ``make_train_step`` (pure; schedules
-are functions of the step) -> ``run`` (data, resume, loop). The loop fetches
+are functions of the step, and an input of the compiled step rather than its
+constants) -> ``run`` (data, resume, loop). The loop fetches
 metrics from the device only at log and checkpoint steps; a non-finite loss
 found there stops the run before anything is saved, so the last checkpoint on
 disk is always a good one.
@@ -27,7 +28,7 @@ from medjax.pretrain.collapse import CollapseWatch, collapse_verdict
 from medjax.pretrain.loss_model import LossConfig, build_models, init_params, ssl_loss
 from medjax.pretrain.validate import validate
 from medjax.probe import Evaluator
-from medjax.schedules import pretrain_schedules
+from medjax.schedules import PretrainSchedules, as_step_input, pretrain_schedules
 
 
 class PretrainState(flax.struct.PyTreeNode):
@@ -103,25 +104,27 @@ def start_from_official(state: PretrainState, shardings, models, path: str) -> P
 
 def jit_train_step(train_step, state_shardings, batch_shardings: dict, mesh):
     """``train_step`` compiled once with explicit layouts: state as ``state_shardings`` (donated),
-    batch entries split over the devices, rng and metrics replicated."""
+    batch entries split over the devices, rng, schedules and metrics replicated."""
     replicated = sharding.replicated(mesh)
     return jax.jit(
         train_step,
-        in_shardings=(state_shardings, batch_shardings, replicated),
+        in_shardings=(state_shardings, batch_shardings, replicated, replicated),
         out_shardings=(state_shardings, replicated),
         donate_argnums=0,
     )
 
 
-def make_train_step(models, config, schedules, rules: optim.ParamRules, adam, loss_cfg: LossConfig | None = None):
-    """The pure train step ``(state, batch, rng) -> (state, metrics)``; ``loss_cfg`` defaults to the config's."""
+def make_train_step(models, config, rules: optim.ParamRules, adam, loss_cfg: LossConfig | None = None):
+    """The pure train step ``(state, batch, rng, schedules) -> (state, metrics)``; ``loss_cfg`` defaults to
+    the config's. ``schedules`` (``as_step_input(pretrain_schedules(...))``) is an argument so that runs
+    differing only in schedule values (learning rate, epochs) compile one program."""
     loss_cfg = loss_cfg or LossConfig.from_config(config)
     loss_fn = functools.partial(ssl_loss, models=models, cfg=loss_cfg)
     clip = config.optim.clip_grad
     n_prototypes = config.head.n_prototypes
     warmup_steps = head_warmup_steps(config)
 
-    def train_step(state: PretrainState, batch: dict, rng: jax.Array):
+    def train_step(state: PretrainState, batch: dict, rng: jax.Array, schedules: PretrainSchedules):
         hp = schedules.values(state.step)
         step_rng = jax.random.fold_in(rng, state.step)
         centers = (state.dino_center, state.ibot_center)
@@ -177,18 +180,24 @@ def make_train_step(models, config, schedules, rules: optim.ParamRules, adam, lo
 @dataclasses.dataclass
 class Trainable:
     """What ``run`` trains and the dry run times: the models, the initial state in its layout on the mesh,
-    the compiled step and the rng it folds the step into."""
+    the compiled step, and its other inputs: the rng it folds the step into and the schedules."""
 
     models: Any
     state: PretrainState
     step_fn: Any
     step_rng: jax.Array
+    schedules: PretrainSchedules
+
+    @property
+    def step_inputs(self) -> tuple:
+        """What ``step_fn(state, batch, *step_inputs)`` takes after the state and the batch."""
+        return self.step_rng, self.schedules
 
 
 def build(config, mesh, global_batch: int, batch_shardings: dict, *, load_weights: bool = True) -> Trainable:
     """The initial state (from ``config.model.init_weights`` when set and ``load_weights``) and the jitted step."""
     models = build_models(config)
-    schedules = pretrain_schedules(config, global_batch)
+    schedules = as_step_input(pretrain_schedules(config, global_batch))
     adam = optim.make_adam(config.optim.adamw_beta1, config.optim.adamw_beta2)
     init_rng, step_rng = jax.random.split(jax.random.PRNGKey(config.seed))
     state, state_shardings = init_sharded_state(models, config, init_rng, adam, mesh)
@@ -200,9 +209,8 @@ def build(config, mesh, global_batch: int, batch_shardings: dict, *, load_weight
         layerwise_decay=config.optim.layerwise_decay,
         patch_embed_lr_mult=config.optim.patch_embed_lr_mult,
     )
-    step_fn = jit_train_step(make_train_step(models, config, schedules, rules, adam), state_shardings,
-                             batch_shardings, mesh)
-    return Trainable(models, state, step_fn, step_rng)
+    step_fn = jit_train_step(make_train_step(models, config, rules, adam), state_shardings, batch_shardings, mesh)
+    return Trainable(models, state, step_fn, step_rng, schedules)
 
 
 def total_steps_of(config) -> int:
@@ -226,7 +234,7 @@ def run(config, workdir: str) -> dict:
     for warning in schedule_check.absurd_schedule(total_steps, global_batch, len(data.source), STEPS_FROM):
         console.warn(warning)
     built = build(config, mesh, global_batch, data.shardings)
-    models, state, step_fn, step_rng = built.models, built.state, built.step_fn, built.step_rng
+    models, state = built.models, built.state
     ckpt = checkpoint.Checkpointer(workdir, max_to_keep=config.train.keep_checkpoints)
     meta = resume_guard.run_meta(config, checkpoint.tree_fingerprint(state.student), global_batch)
     state, start = training_loop.resume(ckpt, state, data, meta, total_steps,
@@ -246,7 +254,7 @@ def run(config, workdir: str) -> dict:
                               random_params=lambda seed: dinov2_init(backbone, jax.random.PRNGKey(seed)))
     watch = CollapseWatch(config.head.n_prototypes, collapse_grace_steps(config, total_steps))
     result = training_loop.run_steps(
-        config, workdir, state=state, step_fn=step_fn, step_rng=step_rng, data=data, ckpt=ckpt, meta=meta,
+        config, workdir, state=state, step_fn=built.step_fn, step_inputs=built.step_inputs, data=data, ckpt=ckpt, meta=meta,
         reporter=reporter, start=start, stop_step=stop_step, evaluator=evaluator,
         backbone_params=lambda s: s.teacher["backbone"], title=_title(config), watch=watch)
     final_table = result.final_table

@@ -72,7 +72,7 @@ def test_head_warm_up_trains_only_the_heads_then_releases_the_backbone(tmp_path)
     state, start = built.state, jax.device_get(built.state)
     states = []
     for _ in range(3):
-        state, _ = built.step_fn(state, place(next(batches)), built.step_rng)
+        state, _ = built.step_fn(state, place(next(batches)), *built.step_inputs)
         states.append(jax.device_get(state))
     for s in states[:2]:  # warm-up: the official backbone untouched in student and teacher; heads learn
         for which in (s.student, s.teacher):

@@ -11,8 +11,8 @@ from tests.helpers import smoke_config
 @pytest.fixture(scope="module")
 def compiled_smoke_step(tmp_path_factory):
     config = smoke_config()
-    jitted, state, batch, _ = dinov2_step(config, str(tmp_path_factory.mktemp("step_parts")))
-    return config, jitted.lower(state, batch, jax.random.PRNGKey(1)).compile(), state, batch
+    jitted, state, batch, inputs, _ = dinov2_step(config, str(tmp_path_factory.mktemp("step_parts")))
+    return config, jitted.lower(state, batch, *inputs).compile(), state, batch
 
 
 def vit_forward_matmul_flops(images: int, tokens: int, patches: int, dim: int, depth: int, patch: int,
