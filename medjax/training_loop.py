@@ -18,16 +18,24 @@ import jax
 from medjax import checkpoint, console, reporting, resume_guard
 
 
-def resume(ckpt: checkpoint.Checkpointer, state, data, meta: dict, total_steps: int, *, allow_config_change: bool):
-    """``(state, first step)``: the latest checkpoint of the workdir restored (state and data iterator), or
-    the fresh state at step 0. A checkpoint of another job or model is refused; so is one whose run had other
-    training settings (``resume_guard``) unless ``allow_config_change``, which warns instead."""
+def resumable_step(ckpt: checkpoint.Checkpointer, meta: dict, *, allow_config_change: bool) -> int | None:
+    """The step of the workdir's latest checkpoint (None for a fresh workdir), checked against this run's
+    ``meta`` before anything is built: a checkpoint of another job or model is refused; so is one whose run
+    had other training settings (``resume_guard``) unless ``allow_config_change``, which warns instead."""
     start = ckpt.latest_step()
     if start is None:
-        return state, 0
+        return None
     saved, where = ckpt.saved_meta(start), checkpoint.step_dir(os.path.dirname(ckpt.directory), start)
     checkpoint.check_compatible(saved, meta, where)
     resume_guard.check(saved, meta, where, allow=allow_config_change)
+    return start
+
+
+def resume(ckpt: checkpoint.Checkpointer, start: int | None, state, data, meta: dict, total_steps: int):
+    """``(state, first step)``: the checkpoint at ``start`` (from ``resumable_step``) restored, state and data
+    iterator, or the fresh state at step 0."""
+    if start is None:
+        return state, 0
     state, _ = ckpt.restore(start, state, data.iterator, meta)
     console.say(f"Resumed from step {start} of {total_steps} ({ckpt.directory}).")
     return state, start
@@ -45,9 +53,10 @@ def run_steps(config, workdir: str, *, state, step_fn, step_inputs: tuple, data,
               stop_step: int, evaluator, backbone_params: Callable, title: str,
               on_plot: Callable | None = None, watch=None) -> LoopResult:
     """Steps ``start`` .. ``stop_step`` of ``config.train``'s schedule; closes the checkpointer, the reporter
-    and the data when it ends. ``step_fn(state, batch, *step_inputs)`` is one step. ``backbone_params(state)`` is what the evaluator scores; ``on_plot(state,
-    step)`` draws a trainer's own pictures beside the training overview (process 0); ``watch.check(step, row)``
-    (e.g. ``pretrain.collapse.CollapseWatch``) may add scalars to each logged row and a note to its progress line."""
+    and the data when it ends. ``step_fn(state, batch, *step_inputs)`` is one step; ``backbone_params(state)``
+    is what the evaluator scores; ``on_plot(state, step)`` draws a trainer's own pictures beside the training
+    overview (process 0); ``watch.check(step, row)`` (e.g. ``pretrain.collapse.CollapseWatch``) may add scalars
+    to each logged row and a note to its progress line."""
     is_main = jax.process_index() == 0
     overview = os.path.join(workdir, "training_overview.png")
     t_start, pending, last, final_table = time.perf_counter(), [], {}, ""

@@ -67,12 +67,13 @@ def test_the_training_loop_refuses_or_warns(tmp_path, capsys):
     changed.optim.base_lr, changed.optim.epochs = 0.001, 6
     meta = resume_guard.run_meta(changed, checkpoint.tree_fingerprint(state), 4)
     with pytest.raises(CheckpointMismatchError) as err:
-        training_loop.resume(ckpt, state, _NoData(), meta, 12, allow_config_change=False)
+        training_loop.resumable_step(ckpt, meta, allow_config_change=False)
     message = str(err.value)
     assert "trained with another config" in message and "\n" not in message
     assert "config.optim.base_lr changed: 0.004 -> 0.001. config.optim.epochs changed: 3 -> 6." in message
     assert "--config.allow_config_change=True" in message
-    restored, start = training_loop.resume(ckpt, state, _NoData(), meta, 12, allow_config_change=True)
+    resume_at = training_loop.resumable_step(ckpt, meta, allow_config_change=True)
+    restored, start = training_loop.resume(ckpt, resume_at, state, _NoData(), meta, 12)
     assert start == 3 and np.array_equal(restored["w"], [0.0, 1.0])
     assert "WARNING: Resuming" in capsys.readouterr().out
     ckpt.close()
@@ -83,5 +84,5 @@ def test_a_dtype_difference_of_the_parameters_says_dtype(tmp_path):
     meta = resume_guard.run_meta(smoke_config(), checkpoint.tree_fingerprint({"w": state["w"].astype(jnp.bfloat16)}), 4)
     with pytest.raises(CheckpointMismatchError, match=r"1 parameters differ in dtype, e.g. \['w'\]: checkpoint "
                                                       r"float32 vs config bfloat16"):
-        training_loop.resume(ckpt, state, _NoData(), meta, 6, allow_config_change=True)
+        training_loop.resumable_step(ckpt, meta, allow_config_change=True)
     ckpt.close()

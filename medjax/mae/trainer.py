@@ -53,10 +53,14 @@ def make_optimizer(config, lr: HalfCycleCosine) -> optax.GradientTransformation:
         lambda params: _labels(params, lambda path, leaf: "frozen" if path in FROZEN_PARAMS else "train"))
 
 
-def init_state(model, config, rng, tx) -> MAEState:
+def init_params(model, config, rng) -> dict:
     shape = (1,) + (model.img_size,) * model.spatial_dims + (model.in_chans,)
-    params = model.init({"params": rng, "masking": rng}, jnp.zeros(shape, jnp.float32),
-                        mask_ratio=config.mae.mask_ratio)["params"]
+    return model.init({"params": rng, "masking": rng}, jnp.zeros(shape, jnp.float32),
+                      mask_ratio=config.mae.mask_ratio)["params"]
+
+
+def init_state(model, config, rng, tx) -> MAEState:
+    params = init_params(model, config, rng)
     return MAEState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
 
 
@@ -161,12 +165,13 @@ def run(config, workdir: str) -> dict:
     stop_step = total_steps if config.train.stop_at_step < 0 else min(config.train.stop_at_step, total_steps)
     for warning in schedule_check.absurd_schedule(total_steps, global_batch, len(data.source), steps_from(config)):
         console.warn(warning)
-    built = build(config, mesh, global_batch, epoch_length, data.shardings)
-    model, lr, state, step_fn = built.model, built.lr, built.state, built.step_fn
     ckpt = checkpoint.Checkpointer(workdir, max_to_keep=config.train.keep_checkpoints)
-    meta = resume_guard.run_meta(config, checkpoint.tree_fingerprint(state.params), global_batch)
-    state, start = training_loop.resume(ckpt, state, data, meta, total_steps,
-                                        allow_config_change=config.allow_config_change)
+    params = jax.eval_shape(lambda r: init_params(mae_from_config(config), config, r), jax.random.PRNGKey(0))
+    meta = resume_guard.run_meta(config, checkpoint.tree_fingerprint(params), global_batch)
+    resume_at = training_loop.resumable_step(ckpt, meta, allow_config_change=config.allow_config_change)
+    built = build(config, mesh, global_batch, epoch_length, data.shardings)
+    model, lr, step_fn = built.model, built.lr, built.step_fn
+    state, start = training_loop.resume(ckpt, resume_at, built.state, data, meta, total_steps)
     console.say(f"MAE: {model.depth}-block encoder of width {model.embed_dim} sees {visible_patches(config)} of "
                 f"{(model.img_size // model.patch_size) ** model.spatial_dims} patches; {epoch_length} steps per "
                 f"epoch of {global_batch} images, {total_steps} steps, peak lr {lr.base:.3g}.")

@@ -233,12 +233,13 @@ def run(config, workdir: str) -> dict:
     data = PretrainData(config, mesh, workdir, say=console.say)
     for warning in schedule_check.absurd_schedule(total_steps, global_batch, len(data.source), STEPS_FROM):
         console.warn(warning)
-    built = build(config, mesh, global_batch, data.shardings)
-    models, state = built.models, built.state
     ckpt = checkpoint.Checkpointer(workdir, max_to_keep=config.train.keep_checkpoints)
-    meta = resume_guard.run_meta(config, checkpoint.tree_fingerprint(state.student), global_batch)
-    state, start = training_loop.resume(ckpt, state, data, meta, total_steps,
-                                        allow_config_change=config.allow_config_change)
+    student = jax.eval_shape(lambda r: init_params(build_models(config), r, config), jax.random.PRNGKey(0))
+    meta = resume_guard.run_meta(config, checkpoint.tree_fingerprint(student), global_batch)
+    resume_at = training_loop.resumable_step(ckpt, meta, allow_config_change=config.allow_config_change)
+    built = build(config, mesh, global_batch, data.shardings)
+    models = built.models
+    state, start = training_loop.resume(ckpt, resume_at, built.state, data, meta, total_steps)
 
     warmup = head_warmup_steps(config)
     if warmup > start and is_main:
